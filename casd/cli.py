@@ -1,0 +1,323 @@
+"""casctl: the command-line client of casd.
+
+Every command talks to one server (``--server`` or ``CASD_SERVER``). Results go to stdout
+(one JSON object with ``--json``), progress and summaries to stderr, errors as one line
+with a hint and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import trio
+
+from casd import __version__
+from casd.chunking import DEFAULT_PARAMS, Chunker
+from casd.client import Client, TransferResult, open_client
+from casd.errors import CasdError, UserError
+from casd.server.daemon import DEFAULT_LISTEN
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+class _ProgressBar:
+    """A rich progress bar on a TTY stderr; nothing at all otherwise."""
+
+    def __init__(self, label: str, total: int | None, enabled: bool) -> None:
+        self._progress: Any = None
+        if not enabled or not sys.stderr.isatty():
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+        )
+        self._task = self._progress.add_task(label, total=total)
+
+    def __enter__(self) -> _ProgressBar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def advance(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+
+def _chunks_of(path: str, chunker: Chunker, stack: contextlib.ExitStack) -> tuple[Iterator[memoryview], int | None]:
+    if path == "-":
+        if sys.stdin.isatty():
+            raise UserError("refusing to read a blob from a terminal; pipe data in or give a PATH")
+        return chunker.cut_stream(sys.stdin.buffer), None
+    try:
+        f = stack.enter_context(open(path, "rb"))
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from exc
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        return iter(()), 0
+    if not os.path.isfile(path):  # a pipe or device: stream it
+        return chunker.cut_stream(f), None
+    # Zero-copy: chunks are views of the mapped file all the way to the socket.
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return chunker.cut(mm), size
+
+
+def _summary(verb: str, r: TransferResult, seconds: float) -> str:
+    rate = r.size / seconds if seconds > 0 else 0.0
+    extra = f", {r.chunks_from_seeds} from seeds" if r.chunks_from_seeds else ""
+    return (
+        f"{verb} {human(r.size)}: {r.chunks_transferred} of {r.chunks} chunks transferred"
+        f"{extra}, {human(r.wire_bytes)} on the wire, {seconds:.2f}s ({human(rate)}/s)"
+    )
+
+
+def _result_json(r: TransferResult, seconds: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "digest": r.digest,
+        "size": r.size,
+        "chunks": r.chunks,
+        "chunks_transferred": r.chunks_transferred,
+        "chunks_from_seeds": r.chunks_from_seeds,
+        "bytes_transferred": r.bytes_transferred,
+        "wire_bytes": r.wire_bytes,
+        "seconds": round(seconds, 4),
+        **extra,
+    }
+
+
+async def cmd_put(client: Client, args: argparse.Namespace) -> int:
+    chunker = Chunker(client.chunker_params or DEFAULT_PARAMS)
+    with contextlib.ExitStack() as stack:
+        chunks, size = _chunks_of(args.path, chunker, stack)
+        start = time.perf_counter()
+        with _ProgressBar("put", size, not args.quiet) as bar:
+            r = await client.push(chunks, name=args.name, progress=bar.advance)
+        seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(_result_json(r, seconds, name=args.name, new_chunks=r.new_chunks)))
+    else:
+        print(r.digest)
+        if not args.quiet:
+            print(_summary("put", r, seconds), file=sys.stderr)
+    return 0
+
+
+async def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    if args.output in (None, "-") and sys.stdout.isatty() and not args.json:
+        raise UserError("refusing to write a blob to a terminal; use -o PATH or a pipe")
+    start = time.perf_counter()
+    info = await client.stat(args.ref)
+    with _ProgressBar("get", info.size, not args.quiet) as bar:
+        if args.output in (None, "-"):
+            if args.json:
+                raise UserError("--json needs -o PATH (stdout carries the JSON)")
+            r = await client.pull(args.ref, sys.stdout.buffer, seeds=args.seed, progress=bar.advance)
+            sys.stdout.buffer.flush()
+        else:
+            r = await _get_to_file(client, args, bar)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(_result_json(r, seconds, output=args.output)))
+    elif not args.quiet:
+        print(_summary("got", r, seconds), file=sys.stderr)
+    return 0
+
+
+async def _get_to_file(client: Client, args: argparse.Namespace, bar: _ProgressBar) -> TransferResult:
+    # Write beside the target and rename over it only once the digest verified: a failed
+    # get never leaves a partial or wrong file at PATH, and a seed may be PATH itself.
+    target = os.path.abspath(args.output)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".casctl-get-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            r = await client.pull(args.ref, out, seeds=args.seed, progress=bar.advance)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return r
+
+
+async def cmd_stat(client: Client, args: argparse.Namespace) -> int:
+    info = await client.stat(args.ref)
+    if args.json:
+        print(json.dumps({"digest": info.digest, "size": info.size, "chunks": info.chunks,
+                          "names": list(info.names), "chunks_transferred": 0,
+                          "wire_bytes": client.peer.wire_bytes}))
+    else:
+        print(f"digest  {info.digest}\nsize    {info.size} ({human(info.size)})\n"
+              f"chunks  {info.chunks}\nnames   {', '.join(info.names) or '-'}")
+    return 0
+
+
+async def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    entries = await client.list_names(args.prefix)
+    if args.json:
+        print(json.dumps([{"name": n, "digest": d} for n, d in entries]))
+    else:
+        for name, digest in entries:
+            print(f"{digest}  {name}")
+    return 0
+
+
+async def cmd_tag(client: Client, args: argparse.Namespace) -> int:
+    digest = (await client.stat(args.ref)).digest
+    await client.tag(args.name, digest)
+    print(f"{args.name} -> {digest}", file=sys.stderr)
+    return 0
+
+
+async def cmd_rm(client: Client, args: argparse.Namespace) -> int:
+    for name in args.names:
+        if name.startswith("sha256:"):
+            raise UserError(
+                f"{name} is a digest; rm removes names. A blob no name points at is "
+                "removed by garbage collection"
+            )
+        await client.untag(name)
+    return 0
+
+
+async def cmd_stats(client: Client, args: argparse.Namespace) -> int:
+    stats = await client.stats()
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        width = max(map(len, stats))
+        for k, v in stats.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+COMMANDS = {
+    "put": cmd_put, "get": cmd_get, "stat": cmd_stat, "ls": cmd_ls,
+    "tag": cmd_tag, "rm": cmd_rm, "stats": cmd_stats,
+}
+
+
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    # Accepted before and after the command. After it, defaults are suppressed so that
+    # `casctl --server X put F` is not overridden by the subcommand's own default.
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server", default=d(os.environ.get("CASD_SERVER", DEFAULT_LISTEN)), metavar="HOST:PORT",
+        help=f"casd server to talk to (default: $CASD_SERVER or {DEFAULT_LISTEN})",
+    )
+    common.add_argument("--token", default=d(os.environ.get("CASD_TOKEN")),
+                        help="access token, if the server requires one (default: $CASD_TOKEN)")
+    common.add_argument("-q", "--quiet", action="store_true", default=d(False),
+                        help="no progress bar and no summary on stderr")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = _common_options(defaults=True)
+    common = _common_options(defaults=False)
+
+    p = argparse.ArgumentParser(
+        prog="casctl",
+        description=(
+            "Client of casd, the content-addressed storage daemon. Blobs are cut into "
+            "content-defined chunks; only chunks the other side lacks cross the network."
+        ),
+        parents=[top],
+    )
+    p.add_argument("--version", action="version", version=f"casctl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("put", parents=[common], help="store a file or stdin; prints its digest",
+                       description="Store a blob. Only chunks the server lacks are sent; "
+                       "prints the blob's sha256 digest.")
+    s.add_argument("path", metavar="PATH|-", help="file to store, or - for standard input")
+    s.add_argument("--name", help="also point this name at the blob")
+    s.add_argument("--no-compress", action="store_true",
+                   help="send chunks uncompressed (zstd is used when the server allows it)")
+    s.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+
+    s = sub.add_parser("get", parents=[common], help="fetch a blob by name or digest",
+                       description="Fetch a blob. Chunks found in --seed files are not "
+                       "fetched. The result is verified against the digest before it "
+                       "replaces PATH.")
+    s.add_argument("ref", metavar="NAME|DIGEST")
+    s.add_argument("-o", "--output", metavar="PATH", help="write here (default: stdout)")
+    s.add_argument("--seed", action="append", default=[], metavar="PATH",
+                   help="local file that may share chunks with the blob (repeatable)")
+    s.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+
+    s = sub.add_parser("stat", parents=[common], help="show a blob's digest, size and names")
+    s.add_argument("ref", metavar="NAME|DIGEST")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("ls", parents=[common], help="list names and their digests")
+    s.add_argument("prefix", nargs="?", default="", help="only names starting with this")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("tag", parents=[common], help="point NAME at a blob")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("ref", metavar="NAME|DIGEST", help="the blob, by digest or another name")
+
+    s = sub.add_parser("rm", parents=[common], help="remove names")
+    s.add_argument("names", nargs="+", metavar="NAME")
+
+    s = sub.add_parser("stats", parents=[common], help="show server and store counters")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+async def _run(args: argparse.Namespace) -> int:
+    compress = not getattr(args, "no_compress", False)
+    async with open_client(args.server, token=args.token, compress=compress) as client:
+        return await COMMANDS[args.command](client, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return trio.run(_run, args)
+    except CasdError as exc:
+        print(f"casctl: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"casctl: hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("casctl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

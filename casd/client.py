@@ -1,0 +1,562 @@
+"""The client side of the casd protocol: requests, pushes and pulls over one connection.
+
+One background task reads frames and routes them by request id to whoever waits for
+them, so any number of requests share the connection. Pushes and pulls are pipelined:
+the recipe of a push streams while it is being cut, chunks go out as soon as the server
+says it lacks them, and a pull keeps a bounded number of bytes of requests in flight, so
+throughput does not depend on round-trip time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import mmap
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import casproto
+import trio
+
+from casd.nursery import open_nursery
+
+from casd import __version__, zstd
+from casd.chunking import EMPTY_DIGEST, Chunker, ChunkerParams, chunk_id, format_digest
+from casd.errors import (
+    CasdError,
+    ChunkCorrupt,
+    ConfigError,
+    DigestMismatch,
+    PeerError,
+    PeerGone,
+    PeerRefused,
+)
+from casd.peer import PeerConnection
+
+Progress = Callable[[int], None]  # called with bytes of the blob done since the last call
+
+# Recipe entries per PUSH_RECIPE frame, and the most input bytes one batch may cover.
+# 8 MiB per batch at ~80 KiB per chunk is ~100 entries (~4 KiB of recipe): the server's
+# answer comes back while the next batch is being cut, and a slow pipe holds back at
+# most 8 MiB.
+PUSH_BATCH_CHUNKS = 1024
+PUSH_BATCH_BYTES = 8 * 1024 * 1024
+
+# Cut-but-unanswered batches a push keeps: with the one being sent, at most ~5 x 8 MiB
+# pinned in memory, and 32 MiB announced ahead covers a 1 Gbit/s link at 250 ms RTT.
+PUSH_WINDOW_BATCHES = 4
+
+# A pull asks for chunks in WANT batches of at most this many bytes, keeping at most
+# PULL_WINDOW_BATCHES unanswered: 5 x 8 MiB = 40 MiB in flight, 3x the bandwidth-delay
+# product of a 1 Gbit/s link at 100 ms RTT (12.5 MB).
+PULL_BATCH_BYTES = 8 * 1024 * 1024
+PULL_WINDOW_BATCHES = 4
+
+# zstd level for chunks sent over the wire (the server keeps them as sent when that saves
+# space, so this is also the level at rest for pushed data).
+WIRE_LEVEL = 3
+
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """What a put or get did; the fields ``casctl --json`` prints."""
+
+    digest: str
+    size: int
+    chunks: int
+    chunks_transferred: int
+    bytes_transferred: int  # chunk payload bytes that crossed (after compression)
+    wire_bytes: int  # everything that crossed the socket, both directions
+    chunks_from_seeds: int = 0
+    new_chunks: int = 0
+
+
+def _refused(err: casproto.Error) -> PeerRefused:
+    code = casproto.ErrorCode(err.code)
+    exc = PeerRefused(int(code), code.name, err.message)
+    if code == casproto.ErrorCode.NOT_FOUND:
+        exc.hint = "`casctl ls` lists the names the server knows"
+    elif code == casproto.ErrorCode.UNAUTHORIZED:
+        exc.hint = "pass the server's token with --token or CASD_TOKEN"
+    elif code == casproto.ErrorCode.NO_SPACE:
+        exc.hint = "the server's disk is full; nothing partial became visible, retry after freeing space"
+    return exc
+
+
+class Client:
+    """A connected, handshaken client. Make one with :func:`open_client`."""
+
+    def __init__(self, peer: PeerConnection, welcome: casproto.Welcome, compress: bool) -> None:
+        self.peer = peer
+        self.welcome = welcome
+        self.features = frozenset(welcome.features)
+        self.compress = compress and "zstd" in self.features
+        try:
+            self.chunker_params: ChunkerParams | None = ChunkerParams.from_dict(welcome.chunker)
+        except (CasdError, ValueError):
+            self.chunker_params = None  # a server that cuts differently: we only dedup less
+        self._rids = itertools.count(1)  # never reused: stale frames can't be mistaken
+        self._routes: dict[int, trio.MemorySendChannel[casproto.Message]] = {}
+        self._failure: BaseException | None = None
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                ev = await self.peer.next_event()
+                if ev is casproto.CLOSED:
+                    self._failure = PeerGone(f"server {self.peer.ident} closed the connection")
+                    return
+                assert isinstance(ev, casproto.Message)
+                if isinstance(ev, casproto.Error) and ev.rid == 0:
+                    self._failure = _refused(ev)
+                    return
+                route = self._routes.get(ev.rid)
+                if route is not None:
+                    route.send_nowait(ev)
+        except (PeerGone, casproto.ProtocolError) as exc:
+            self._failure = PeerGone(f"connection to {self.peer.ident} failed: {exc}")
+        finally:
+            for route in self._routes.values():
+                route.close()
+
+    def _open(self) -> tuple[int, trio.MemoryReceiveChannel[casproto.Message]]:
+        if self._failure is not None:
+            raise self._failure
+        rid = next(self._rids)
+        # Unbounded: every stream of replies is bounded by the window of its request.
+        send, recv = trio.open_memory_channel[casproto.Message](math.inf)
+        self._routes[rid] = send
+        return rid, recv
+
+    def _close(self, rid: int) -> None:
+        route = self._routes.pop(rid, None)
+        if route is not None:
+            route.close()
+
+    async def _reply(self, recv: trio.MemoryReceiveChannel[casproto.Message]) -> Any:
+        try:
+            ev = await recv.receive()
+        except trio.EndOfChannel:
+            raise self._failure or PeerGone("connection closed") from None
+        if isinstance(ev, casproto.Error):
+            raise _refused(ev)
+        return ev
+
+    async def _call(self, make: Callable[[int], casproto.Message]) -> Any:
+        rid, recv = self._open()
+        try:
+            await self.peer.send(make(rid))
+            return await self._reply(recv)
+        finally:
+            self._close(rid)
+
+    # --- simple requests -----------------------------------------------------------------
+
+    async def has(self, ids: list[bytes]) -> list[bool]:
+        out: list[bool] = []
+        for start in range(0, len(ids), casproto.MAX_BATCH):
+            part = tuple(ids[start : start + casproto.MAX_BATCH])
+            reply = await self._call(lambda rid, p=part: casproto.Has(rid, p))
+            out.extend(casproto.unpack_bitmap(reply.bitmap, len(part)))
+        return out
+
+    async def stat(self, ref: str) -> casproto.BlobInfo:
+        return await self._call(lambda rid: casproto.Stat(rid, ref))  # type: ignore[no-any-return]
+
+    async def list_names(self, prefix: str = "") -> list[tuple[str, str]]:
+        reply = await self._call(lambda rid: casproto.ListNames(rid, prefix))
+        return [tuple(e) for e in reply.entries]  # type: ignore[misc]
+
+    async def tag(self, name: str, digest: str) -> None:
+        await self._call(lambda rid: casproto.Tag(rid, name, digest))
+
+    async def untag(self, name: str) -> None:
+        await self._call(lambda rid: casproto.Untag(rid, name))
+
+    async def stats(self) -> dict[str, int | float | str]:
+        reply = await self._call(lambda rid: casproto.Stats(rid))
+        return dict(reply.stats)
+
+    # --- push --------------------------------------------------------------------------
+
+    async def push(
+        self,
+        chunks: Iterator[memoryview],
+        *,
+        name: str | None = None,
+        expected_digest: str | None = None,
+        progress: Progress | None = None,
+    ) -> TransferResult:
+        """Send a blob, given as its chunks in order; only chunks the server lacks travel.
+
+        Raises:
+            PeerRefused: the server refused (bad name, digest mismatch, disk full...).
+            PeerGone: the connection broke; stored chunks stay on the server, so a retry
+                sends only the rest.
+            DigestMismatch: ``expected_digest`` is not the digest of the data.
+        """
+        wire_before = self.peer.wire_bytes
+        batcher = _PushBatcher(chunks)
+        rid, replies = self._open()
+        sent_chunks = 0
+        sent_bytes = 0
+        try:
+            await self.peer.send(casproto.PushBegin(rid, name))
+            batches_send, batches_recv = trio.open_memory_channel[_Batch](PUSH_WINDOW_BATCHES)
+
+            async def cut_and_announce() -> None:
+                # Cut and hash in a worker thread, announce each batch as soon as it is cut.
+                async with batches_send:
+                    while True:
+                        batch = await trio.to_thread.run_sync(batcher.next_batch)
+                        if batch is None:
+                            return
+                        await self.peer.send(casproto.PushRecipe(rid, batch.ids, batch.sizes))
+                        await batches_send.send(batch)
+
+            async def send_wanted() -> None:
+                nonlocal sent_chunks, sent_bytes
+                async with batches_recv:
+                    async for batch in batches_recv:
+                        want = await self._reply(replies)
+                        if not isinstance(want, casproto.PushWant):
+                            raise PeerError(f"server answered a recipe with {type(want).__name__}")
+                        wanted = casproto.unpack_bitmap(want.bitmap, len(batch.ids))
+                        idx = [i for i, w in enumerate(wanted) if w]
+                        if idx:
+                            frames = await trio.to_thread.run_sync(
+                                self._encode_chunks, rid, batch, idx
+                            )
+                            await self.peer.send_many(frames)
+                            sent_chunks += len(frames)
+                            sent_bytes += sum(len(f.data) for f in frames)
+                        if progress is not None:
+                            progress(batch.nbytes)
+
+            async with open_nursery() as nursery:
+                nursery.start_soon(cut_and_announce)
+                nursery.start_soon(send_wanted)
+            digest = format_digest(batcher.sha.digest()) if batcher.size else EMPTY_DIGEST
+            if expected_digest is not None and digest != expected_digest:
+                raise DigestMismatch(expected_digest, digest)
+            await self.peer.send(casproto.PushEnd(rid, batcher.size, digest))
+            done = await self._reply(replies)
+        finally:
+            self._close(rid)
+        return TransferResult(
+            digest=done.digest,
+            size=done.size,
+            chunks=done.chunks,
+            chunks_transferred=sent_chunks,
+            bytes_transferred=sent_bytes,
+            wire_bytes=self.peer.wire_bytes - wire_before,
+            new_chunks=done.new_chunks,
+        )
+
+    def _encode_chunks(self, rid: int, batch: _Batch, idx: list[int]) -> list[casproto.Chunk]:
+        # Runs in a worker thread: zstd releases the GIL.
+        out = []
+        for i in idx:
+            view = batch.views[i]
+            if self.compress:
+                packed = zstd.compress(view, WIRE_LEVEL)
+                if len(packed) < len(view):
+                    out.append(casproto.Chunk(rid, batch.ids[i], casproto.Codec.ZSTD, packed))
+                    continue
+            out.append(casproto.Chunk(rid, batch.ids[i], casproto.Codec.RAW, view))
+        return out
+
+    # --- pull --------------------------------------------------------------------------
+
+    async def fetch_recipe(self, ref: str) -> casproto.Recipe:
+        """The whole recipe of a blob, parts joined into one Recipe."""
+        rid, recv = self._open()
+        ids: list[bytes] = []
+        sizes: list[int] = []
+        try:
+            await self.peer.send(casproto.Pull(rid, ref))
+            while True:
+                part = await self._reply(recv)
+                ids.extend(part.ids)
+                sizes.extend(part.sizes)
+                if part.last:
+                    return casproto.Recipe(0, part.digest, part.size, tuple(ids), tuple(sizes), True)
+        finally:
+            self._close(rid)
+
+    async def pull(
+        self,
+        ref: str,
+        out: BinaryIO,
+        *,
+        seeds: list[str] = (),  # type: ignore[assignment]
+        progress: Progress | None = None,
+    ) -> TransferResult:
+        """Write blob ``ref`` to ``out``, fetching only chunks no seed file holds.
+
+        Every fetched chunk is checked against its id and the whole output against the
+        blob's digest; ``out`` holds unverified bytes until this returns.
+
+        Raises:
+            PeerRefused: unknown ref, or the server failed.
+            ChunkCorrupt: the server sent bytes that are not the chunk asked for.
+            DigestMismatch: the assembled blob does not match its digest.
+        """
+        wire_before = self.peer.wire_bytes
+        recipe = await self.fetch_recipe(ref)
+        assembler = _Assembler(recipe, out)
+        if seeds:
+            if self.chunker_params is None:
+                raise ConfigError("the server cuts chunks in a way this casctl does not know; seeds cannot help")
+            await trio.to_thread.run_sync(assembler.index_seeds, seeds, self.chunker_params)
+        need = assembler.needed()
+        batches: list[tuple[bytes, ...]] = []
+        cur: list[bytes] = []
+        cur_bytes = 0
+        for cid, size in need:
+            if cur and (cur_bytes + size > PULL_BATCH_BYTES or len(cur) >= casproto.MAX_BATCH):
+                batches.append(tuple(cur))
+                cur, cur_bytes = [], 0
+            cur.append(cid)
+            cur_bytes += size
+        if cur:
+            batches.append(tuple(cur))
+        fetched_bytes = 0
+        opened_send, opened_recv = trio.open_memory_channel[
+            tuple[int, trio.MemoryReceiveChannel[casproto.Message], tuple[bytes, ...]]
+        ](PULL_WINDOW_BATCHES)
+
+        async def ask() -> None:
+            async with opened_send:
+                for ids in batches:
+                    rid, recv = self._open()
+                    await self.peer.send(casproto.Want(rid, ids))
+                    await opened_send.send((rid, recv, ids))
+
+        async def receive() -> None:
+            nonlocal fetched_bytes
+            async with opened_recv:
+                async for rid, recv, ids in opened_recv:
+                    try:
+                        frames = [await self._reply(recv) for _ in ids]
+                    finally:
+                        self._close(rid)
+                    fetched_bytes += sum(len(f.data) for f in frames)
+                    written = await trio.to_thread.run_sync(assembler.feed, frames)
+                    if progress is not None:
+                        progress(written)
+
+        async with open_nursery() as nursery:
+            nursery.start_soon(ask)
+            nursery.start_soon(receive)
+        written = await trio.to_thread.run_sync(assembler.finish)
+        if progress is not None:
+            progress(written)
+        return TransferResult(
+            digest=recipe.digest,
+            size=recipe.size,
+            chunks=len(recipe.ids),
+            chunks_transferred=len(need),
+            bytes_transferred=fetched_bytes,
+            wire_bytes=self.peer.wire_bytes - wire_before,
+            chunks_from_seeds=assembler.from_seeds,
+        )
+
+
+@dataclass(slots=True)
+class _Batch:
+    ids: tuple[bytes, ...]
+    sizes: tuple[int, ...]
+    views: list[memoryview]
+    nbytes: int
+
+
+class _PushBatcher:
+    """Cuts and hashes a chunk stream batch by batch; each call runs in a worker thread."""
+
+    def __init__(self, chunks: Iterator[memoryview]) -> None:
+        self._chunks = chunks
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def next_batch(self) -> _Batch | None:
+        ids: list[bytes] = []
+        sizes: list[int] = []
+        views: list[memoryview] = []
+        nbytes = 0
+        for view in self._chunks:
+            ids.append(chunk_id(view))
+            self.sha.update(view)
+            sizes.append(len(view))
+            views.append(view)
+            nbytes += len(view)
+            if len(ids) >= PUSH_BATCH_CHUNKS or nbytes >= PUSH_BATCH_BYTES:
+                break
+        if not ids:
+            return None
+        self.size += nbytes
+        return _Batch(tuple(ids), tuple(sizes), views, nbytes)
+
+
+class _Assembler:
+    """Writes a blob in recipe order from seeds and fetched chunks, hashing as it goes.
+
+    Fetched chunks arrive in the order of their first appearance in the recipe, so the
+    blob is written strictly sequentially (a pipe works as output). Chunks that appear
+    again later are kept in memory until their last use.
+    """
+
+    def __init__(self, recipe: casproto.Recipe, out: BinaryIO) -> None:
+        self.recipe = recipe
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.pos = 0  # next recipe entry to write
+        self.from_seeds = 0
+        self._seed: dict[bytes, memoryview] = {}
+        self._maps: list[mmap.mmap] = []
+        self._ready: dict[bytes, bytes | memoryview] = {}
+        self._uses: dict[bytes, int] = {}
+        for cid in recipe.ids:
+            self._uses[cid] = self._uses.get(cid, 0) + 1
+        self._sizes = dict(zip(recipe.ids, recipe.sizes, strict=True))
+
+    def index_seeds(self, paths: list[str], params: ChunkerParams) -> None:
+        chunker = Chunker(params)
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size == 0:
+                        continue
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise ConfigError(f"cannot read seed {path}: {exc.strerror}") from exc
+            self._maps.append(mm)
+            for view in chunker.cut(mm):
+                cid = chunk_id(view)
+                if cid in self._uses and cid not in self._seed:
+                    self._seed[cid] = view
+
+    def needed(self) -> list[tuple[bytes, int]]:
+        """Distinct chunks no seed holds, in order of first appearance."""
+        seen: set[bytes] = set()
+        out = []
+        for cid, size in zip(self.recipe.ids, self.recipe.sizes, strict=True):
+            if cid not in seen and cid not in self._seed:
+                seen.add(cid)
+                out.append((cid, size))
+        return out
+
+    def feed(self, frames: list[casproto.Chunk]) -> int:
+        """Verify fetched chunks, then write everything that can be written. Thread."""
+        for f in frames:
+            size = self._sizes.get(f.id)
+            if size is None:
+                raise ChunkCorrupt(f.id, "the server sent a chunk that is not in the recipe")
+            if f.codec == casproto.Codec.ZSTD:
+                try:
+                    data: bytes | memoryview = zstd.decompress_bounded(f.data, size)
+                except ValueError as exc:
+                    raise ChunkCorrupt(f.id, f"sent zstd data is invalid: {exc}") from exc
+            else:
+                data = f.data
+            if len(data) != size or chunk_id(data) != f.id:
+                raise ChunkCorrupt(f.id, "the server sent bytes that do not hash to the chunk id")
+            self._ready[f.id] = data
+        return self._write_available()
+
+    def _write_available(self) -> int:
+        ids = self.recipe.ids
+        written = 0
+        while self.pos < len(ids):
+            cid = ids[self.pos]
+            data = self._ready.get(cid)
+            if data is None:
+                data = self._seed.get(cid)
+                if data is None:
+                    break
+                self.from_seeds += 1
+            self.out.write(data)
+            self.sha.update(data)
+            written += len(data)
+            left = self._uses[cid] - 1
+            self._uses[cid] = left
+            if left == 0:
+                self._ready.pop(cid, None)
+            self.pos += 1
+        return written
+
+    def finish(self) -> int:
+        written = self._write_available()
+        try:
+            if self.pos != len(self.recipe.ids):
+                raise PeerError("the transfer ended before every chunk arrived")
+            actual = format_digest(self.sha.digest())
+            if actual != self.recipe.digest:
+                raise DigestMismatch(self.recipe.digest, actual)
+            return written
+        finally:
+            self._seed.clear()
+            for mm in self._maps:
+                try:
+                    mm.close()
+                except BufferError:  # a view is still alive; the map goes with it
+                    pass
+
+
+@asynccontextmanager
+async def open_client(
+    address: str, *, token: str | None = None, compress: bool = True
+) -> AsyncIterator[Client]:
+    """Connect to a casd server and handshake.
+
+    Raises:
+        PeerError: the server cannot be reached or speaks no casd protocol.
+        PeerRefused: the server refused the connection (token, version).
+    """
+    from casd.server.daemon import parse_hostport
+
+    host, port = parse_hostport(address)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise PeerError(f"cannot connect to casd at {address}: timed out") from None
+    except OSError as exc:
+        err = PeerError(f"cannot connect to casd at {address}: {exc.strerror or exc}")
+        err.hint = "is `casd serve` running there? set the address with --server or CASD_SERVER"
+        raise err from exc
+    peer = PeerConnection(stream, casproto.Role.CLIENT, address)
+    try:
+        await peer.send(
+            casproto.Hello(0, casproto.PROTOCOL_VERSION, ("zstd",), token, f"casctl/{__version__}")
+        )
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                ev = await peer.next_event()
+        except trio.TooSlowError:
+            raise PeerError(f"{address} did not answer the casd handshake") from None
+        except casproto.ProtocolError as exc:
+            raise PeerError(f"{address} does not speak the casd protocol: {exc}") from exc
+        if isinstance(ev, casproto.Error):
+            raise _refused(ev)
+        if not isinstance(ev, casproto.Welcome):
+            raise PeerGone(f"{address} closed the connection during the handshake")
+        client = Client(peer, ev, compress)
+        async with open_nursery() as nursery:
+            nursery.start_soon(client._read_loop)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await peer.aclose()

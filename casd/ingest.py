@@ -1,0 +1,178 @@
+"""Receiving a blob: the server's half of a push, without I/O.
+
+A :class:`BlobIngest` takes a recipe in batches, says which chunks it needs, takes those
+chunks in recipe order, stores them durably as they come, hashes the whole blob on the
+way (new chunks from memory, held ones from the store), and commits the blob only when
+its sha256 matches the claimed digest. Its methods are synchronous; the daemon runs the
+heavy ones (``want``, ``flush``, ``finish``) in worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+
+from casd import zstd
+from casd.chunking import format_digest
+from casd.errors import ChunkCorrupt, StoreError
+from casd.storage.interface import ChunkIn, Codec, Recipe, Store
+
+# Chunks received but not yet written are flushed to the store once they reach this many
+# bytes: each flush is one fsync and one index commit (~1-20 ms), so 8 MiB batches keep
+# that cost under 5 % at 1 GB/s, while an interrupted push loses at most 8 MiB.
+FLUSH_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    digest: str
+    size: int
+    chunks: int
+    new_chunks: int
+    new_bytes: int
+    new_blob: bool
+
+
+class IngestError(StoreError):
+    """The pushed data is inconsistent (a protocol-level INVALID / DIGEST_MISMATCH)."""
+
+    def __init__(self, message: str, *, digest_mismatch: bool = False) -> None:
+        super().__init__(message)
+        self.digest_mismatch = digest_mismatch
+
+
+class BlobIngest:
+    """One blob being received into ``store``. Not thread-safe: one caller at a time."""
+
+    def __init__(self, store: Store, name: str | None = None) -> None:
+        self._store = store
+        self._name = name
+        self._ids: list[bytes] = []
+        self._sizes: list[int] = []
+        self._asked: set[bytes] = set()
+        # Wanted (id, size) pairs whose data has not arrived yet, in the order they must.
+        self._expect: deque[tuple[bytes, int]] = deque()
+        # Received, not yet stored: (id, codec, data as sent, raw size from the recipe).
+        self._pending: list[tuple[bytes, int, bytes, int]] = []
+        self._pending_bytes = 0
+        # Position of the next recipe entry to feed into the blob hash.
+        self._hashed = 0
+        self._sha = hashlib.sha256()
+        self._new_chunks = 0
+        self._new_bytes = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def want(self, ids: tuple[bytes, ...], sizes: tuple[int, ...]) -> list[bool]:
+        """Take the next batch of the recipe; return which entries the sender must send.
+
+        Each distinct id is asked for at most once per blob, and never when the store
+        already holds it.
+        """
+        have = self._store.has_chunks(ids)
+        wanted: list[bool] = []
+        for cid, size, held in zip(ids, sizes, have, strict=True):
+            need = not held and cid not in self._asked
+            if need:
+                self._asked.add(cid)
+                self._expect.append((cid, size))
+            wanted.append(need)
+        self._ids.extend(ids)
+        self._sizes.extend(sizes)
+        return wanted
+
+    def add_chunk(self, cid: bytes, codec: int, data: bytes) -> None:
+        """Buffer one wanted chunk (cheap; decoding and hashing happen in :meth:`flush`).
+
+        Raises:
+            IngestError: the chunk is not the next one wanted.
+        """
+        if not self._expect or self._expect[0][0] != cid:
+            raise IngestError(f"chunk {cid.hex()} was not asked for at this point")
+        _, size = self._expect.popleft()
+        self._pending.append((cid, codec, data, size))
+        self._pending_bytes += len(data)
+
+    def flush(self) -> None:
+        """Decode, verify and store the buffered chunks, then hash as far as possible.
+
+        Raises:
+            ChunkCorrupt: a chunk does not decode or does not hash to its id.
+            NoSpace, StoreError: the store could not take them.
+        """
+        batch: list[ChunkIn] = []
+        for cid, codec, data, size in self._pending:
+            if codec == Codec.ZSTD:
+                try:
+                    raw = zstd.decompress_bounded(data, size)
+                except ValueError as exc:
+                    raise ChunkCorrupt(cid, f"sent zstd data is invalid: {exc}") from exc
+                batch.append(ChunkIn(cid, raw, Codec.ZSTD, data))
+            elif codec == Codec.RAW:
+                if len(data) != size:
+                    raise ChunkCorrupt(cid, f"sent {len(data)} bytes, the recipe says {size}")
+                batch.append(ChunkIn(cid, data))
+            else:
+                raise ChunkCorrupt(cid, f"sent with unknown codec {codec}")
+        self._pending = []
+        self._pending_bytes = 0
+        if batch:
+            result = self._store.put_chunks(batch, verify=True)
+            self._new_chunks += result.new_chunks
+            self._new_bytes += result.new_stored_bytes
+        self._advance_hash({c.id: c.data for c in batch})
+
+    def _advance_hash(self, fresh: dict[bytes, bytes | memoryview]) -> None:
+        # Entries up to the first chunk still expected from the sender can be hashed now:
+        # fresh ones from memory, the rest from the store.
+        stop = len(self._ids)
+        if self._expect:
+            waiting = self._expect[0][0]
+            # The first entry naming the awaited id is where hashing must pause.
+            for i in range(self._hashed, len(self._ids)):
+                if self._ids[i] == waiting:
+                    stop = i
+                    break
+        for i in range(self._hashed, stop):
+            cid = self._ids[i]
+            data = fresh.get(cid)
+            if data is None:
+                data = self._store.get_chunk(cid)
+            if len(data) != self._sizes[i]:
+                raise IngestError(
+                    f"recipe entry {i} says {self._sizes[i]} bytes but chunk {cid.hex()} "
+                    f"has {len(data)}"
+                )
+            self._sha.update(data)
+        self._hashed = stop
+
+    def finish(self, size: int, digest: str) -> IngestResult:
+        """Check size and digest, then commit the blob (and name) atomically.
+
+        Raises:
+            IngestError: chunks are still outstanding, or size/digest do not match (then
+                nothing becomes visible; received chunks stay, reusable).
+            StoreError: the commit failed.
+        """
+        self.flush()
+        if self._expect:
+            raise IngestError(f"{len(self._expect)} wanted chunks never arrived")
+        total = sum(self._sizes)
+        if total != size:
+            raise IngestError(
+                f"recipe adds up to {total} bytes, the sender claims {size}", digest_mismatch=True
+            )
+        actual = format_digest(self._sha.digest())
+        if actual != digest:
+            raise IngestError(
+                f"assembled blob is {actual}, the sender claims {digest}", digest_mismatch=True
+            )
+        recipe = Recipe(digest, size, tuple(self._ids), tuple(self._sizes))
+        new_blob = self._store.commit_blob(recipe, self._name)
+        return IngestResult(
+            digest, size, len(self._ids), self._new_chunks, self._new_bytes, new_blob
+        )
+

@@ -1,0 +1,204 @@
+"""`casd serve`: the daemon's entry point, listener and lifecycle.
+
+Shutdown on SIGINT/SIGTERM is graceful, hypercorn-style: stop accepting first, then give
+open connections ``grace`` seconds to finish their requests before cancelling them. A
+push cut off by shutdown never becomes visible (its blob commits only at PUSH_END);
+chunks it already stored stay, reusable by the retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from casd.nursery import open_nursery
+
+from casd import __version__
+from casd.errors import CasdError, ConfigError
+from casd.server.service import ServerContext, handle_stream
+from casd.storage.disk import DiskStore
+
+log = logging.getLogger("casd")
+
+DEFAULT_PORT = 7420
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "casd")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data: str
+    host: str
+    port: int
+    tokens: frozenset[str] = frozenset()
+    insecure: bool = False
+    level: int = 3
+    grace: float = 10.0
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST`` or ``[v6]:PORT`` into (host, port).
+
+    Raises:
+        ConfigError: not an address.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        host, port_text = text, str(default_port)
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"bad address {text!r}: expected HOST:PORT") from None
+    if not (0 <= port <= 65535) or not host:
+        raise ConfigError(f"bad address {text!r}: expected HOST:PORT")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_tokens(tokens: Sequence[str], token_file: str | None) -> frozenset[str]:
+    out = {t for t in tokens if t}
+    if env := os.environ.get("CASD_TOKEN"):
+        out.add(env)
+    if token_file:
+        try:
+            with open(token_file) as f:
+                out.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from exc
+    return frozenset(out)
+
+
+async def serve(config: ServeConfig, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon until cancelled or signalled. Never returns normally.
+
+    ``task_status.started`` gets the bound (host, port) pairs, so
+    ``await nursery.start(serve, config)`` resolves once the daemon accepts connections.
+    """
+    if not is_loopback(config.host) and not config.tokens and not config.insecure:
+        raise ConfigError(
+            f"refusing to listen on non-loopback address {config.host} without a token: "
+            "pass --token/--token-file (or CASD_TOKEN), or --insecure to allow anyone"
+        )
+    store = await trio.to_thread.run_sync(partial(DiskStore, config.data, level=config.level))
+    try:
+        ctx = ServerContext(store=store, tokens=config.tokens)
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        bound = [l.socket.getsockname()[:2] for l in listeners]  # type: ignore[attr-defined]
+        stop = trio.Event()
+        async with open_nursery() as outer:
+            handlers = await outer.start(_run_handlers, stop)
+            async with open_nursery() as accept:
+                accept.start_soon(
+                    partial(trio.serve_listeners, partial(handle_stream, ctx), listeners,
+                            handler_nursery=handlers)
+                )
+                for host, port in bound:
+                    log.info("casd %s ready: listening on %s:%d, data in %s", __version__,
+                             host, port, config.data)
+                task_status.started(bound)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("received %s: no new connections; %.0fs for open ones to finish",
+                                 signal.Signals(signum).name, config.grace)
+                        break
+                accept.cancel_scope.cancel()
+            handlers.cancel_scope.deadline = trio.current_time() + config.grace
+            stop.set()
+    finally:
+        await trio.to_thread.run_sync(store.close)
+        log.info("casd stopped")
+
+
+async def _run_handlers(
+    stop: trio.Event, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+) -> None:
+    # The nursery that owns connection handlers. It outlives the accept loop so shutdown
+    # can stop accepting first, then wait for handlers until they finish or the deadline.
+    async with open_nursery() as nursery:
+        task_status.started(nursery)
+        await stop.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="casd",
+        description="casd: content-addressed storage daemon with delta sync.",
+    )
+    p.add_argument("--version", action="version", version=f"casd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser(
+        "serve",
+        help="run the daemon",
+        description=(
+            "Serve a store over the casd protocol. The store is a directory of pack files "
+            "and an LMDB index; it is created on first use. Stops gracefully on SIGINT or "
+            "SIGTERM."
+        ),
+    )
+    s.add_argument("--data", default=os.environ.get("CASD_DATA") or default_data_dir(),
+                   help="store directory (default: $CASD_DATA or %(default)s)")
+    s.add_argument("--listen", default=os.environ.get("CASD_LISTEN", DEFAULT_LISTEN),
+                   metavar="HOST:PORT",
+                   help="address to listen on; port 0 picks a free one (default: %(default)s)")
+    s.add_argument("--token", action="append", default=[],
+                   help="accept clients presenting this token (repeatable; also CASD_TOKEN)")
+    s.add_argument("--token-file", help="file with one accepted token per line")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback listen address without any token")
+    s.add_argument("--compress-level", type=int, default=3, metavar="N",
+                   help="zstd level for chunks at rest, 0 to store raw (default: %(default)s)")
+    s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on shutdown, how long open requests may run on (default: %(default)s)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        host, port = parse_hostport(args.listen)
+        config = ServeConfig(
+            data=os.path.abspath(args.data), host=host, port=port,
+            tokens=load_tokens(args.token, args.token_file), insecure=args.insecure,
+            level=args.compress_level, grace=args.grace,
+        )
+        trio.run(serve, config)
+    except CasdError as exc:
+        print(f"casd: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"casd: hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # binding failed: port in use, permission
+        print(f"casd: error: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""The daemon's side of one connection: handshake, then requests served concurrently.
+
+Each request runs as a task in the connection's nursery with its own cancel scope, so a
+client's CANCEL, a failed request or a dropped connection stops exactly the work it should.
+Store calls run in worker threads (the store is synchronous); the event loop only moves
+frames.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import casproto
+import trio
+
+from casd.nursery import open_nursery
+from casproto import ErrorCode
+
+from casd import __version__
+from casd.errors import (
+    BlobMissing,
+    CasdError,
+    ChunkCorrupt,
+    ChunkMissing,
+    InvalidRef,
+    NoSpace,
+    PeerGone,
+)
+from casd import ingest as ingest_mod
+from casd.ingest import BlobIngest, IngestError
+from casd.peer import PeerConnection
+from casd.storage.interface import Store
+
+log = logging.getLogger("casd.server")
+
+# Frames of one push queued between the connection's reader and the push task. A CHUNK
+# frame is at most ~256 KiB, so this bounds a push's queue near 16 MiB; when it is full
+# the reader stops reading and TCP pushes back on the client.
+PUSH_QUEUE_FRAMES = 64
+
+# Chunks read from the store per worker-thread call when serving WANT: large enough to
+# amortize the thread hop (~50 us), small enough to start sending quickly.
+SERVE_BATCH = 64
+
+# Recipe entries per RECIPE frame: 16,384 x ~40 B = 640 KiB, well under MAX_FRAME.
+RECIPE_BATCH = casproto.MAX_BATCH
+
+# A push whose stream pauses this long gets its buffered chunks stored right away.
+IDLE_FLUSH_S = 0.2
+
+# How long a connection may take to say HELLO before it is dropped.
+HELLO_TIMEOUT = 30.0
+
+FEATURES = frozenset({"zstd"})
+
+
+@dataclass
+class ServerStats:
+    started: float = field(default_factory=time.time)
+    connections: int = 0
+    connections_open: int = 0
+    requests: int = 0
+    pushes: int = 0
+    pulls: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    chunks_received: int = 0
+    chunks_sent: int = 0
+    errors: int = 0
+
+
+@dataclass
+class ServerContext:
+    """What every connection handler shares."""
+
+    store: Store
+    tokens: frozenset[str] = frozenset()
+    stats: ServerStats = field(default_factory=ServerStats)
+    # Bounds the worker threads all connections may occupy with store calls at once.
+    limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+
+def error_code_for(exc: BaseException) -> ErrorCode:
+    """The protocol error code that tells a client what went wrong with its request."""
+    if isinstance(exc, (BlobMissing, ChunkMissing)):
+        return ErrorCode.NOT_FOUND
+    if isinstance(exc, InvalidRef):
+        return ErrorCode.INVALID
+    if isinstance(exc, IngestError):
+        return ErrorCode.DIGEST_MISMATCH if exc.digest_mismatch else ErrorCode.INVALID
+    if isinstance(exc, ChunkCorrupt):
+        return ErrorCode.CHUNK_CORRUPT
+    if isinstance(exc, NoSpace):
+        return ErrorCode.NO_SPACE
+    return ErrorCode.INTERNAL
+
+
+class _Request:
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.queue: trio.MemorySendChannel[casproto.Message] | None = None
+
+
+class Session:
+    """One client connection, from HELLO to close."""
+
+    def __init__(self, ctx: ServerContext, peer: PeerConnection) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.features: frozenset[str] = frozenset()
+        self._requests: dict[int, _Request] = {}
+
+    async def run(self) -> None:
+        try:
+            if not await self._handshake():
+                return
+            async with open_nursery() as nursery:
+                await self._dispatch(nursery)
+                nursery.cancel_scope.cancel()
+        except casproto.RemoteProtocolError as exc:
+            log.info("%s: protocol error: %s", self.peer.ident, exc)
+            self.ctx.stats.errors += 1
+            await self._send_fatal(exc.code, str(exc))
+        except PeerGone as exc:
+            log.info("%s: %s", self.peer.ident, exc)
+
+    async def _send_fatal(self, code: ErrorCode, message: str) -> None:
+        with trio.move_on_after(5):
+            try:
+                await self.peer.send(casproto.Error(0, code, message))
+            except (PeerGone, casproto.ProtocolError):
+                pass
+
+    async def _handshake(self) -> bool:
+        hello: object = None
+        with trio.move_on_after(HELLO_TIMEOUT):
+            hello = await self.peer.next_event()
+        if hello is None:
+            log.info("%s: no HELLO within %ss", self.peer.ident, HELLO_TIMEOUT)
+            return False
+        if hello is casproto.CLOSED:
+            return False
+        assert isinstance(hello, casproto.Hello)  # the state machine allows nothing else
+        if hello.version != casproto.PROTOCOL_VERSION:
+            await self._send_fatal(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"this server speaks protocol version {casproto.PROTOCOL_VERSION}",
+            )
+            return False
+        if self.ctx.tokens and not _token_ok(hello.token, self.ctx.tokens):
+            log.warning("%s: refused: bad or missing token", self.peer.ident)
+            await self._send_fatal(
+                ErrorCode.UNAUTHORIZED,
+                "this server requires a token (casctl --token or CASD_TOKEN)"
+                if hello.token is None
+                else "token refused",
+            )
+            return False
+        self.features = FEATURES & frozenset(hello.features)
+        params = getattr(self.ctx.store, "params", None)
+        chunker = params.to_dict() if params is not None else {}
+        await self.peer.send(
+            casproto.Welcome(
+                0,
+                casproto.PROTOCOL_VERSION,
+                tuple(sorted(self.features)),
+                f"casd/{__version__}",
+                chunker,
+                casproto.MAX_FRAME,
+            )
+        )
+        return True
+
+    async def _dispatch(self, nursery: trio.Nursery) -> None:
+        handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
+            casproto.Has: self._has,
+            casproto.Stat: self._stat,
+            casproto.ListNames: self._list,
+            casproto.Tag: self._tag,
+            casproto.Untag: self._untag,
+            casproto.Stats: self._stats,
+            casproto.Pull: self._pull,
+            casproto.Want: self._want,
+        }
+        while True:
+            ev = await self.peer.next_event()
+            if ev is casproto.CLOSED:
+                return
+            assert isinstance(ev, casproto.Message)
+            kind = type(ev)
+            rid = ev.rid
+            if kind is casproto.Error and rid == 0:
+                log.info("%s: client error: %s", self.peer.ident, ev.message)
+                return
+            if kind in handlers:
+                self._start(nursery, rid, handlers[kind], ev)
+            elif kind is casproto.PushBegin:
+                send, recv = trio.open_memory_channel[casproto.Message](PUSH_QUEUE_FRAMES)
+                req = self._start(nursery, rid, self._push, ev, recv)
+                req.queue = send
+            elif kind is casproto.Cancel:
+                req = self._requests.get(rid)
+                if req is not None:
+                    req.scope.cancel()
+            else:
+                req = self._requests.get(rid)
+                if req is not None and req.queue is not None:
+                    await req.queue.send(ev)
+                # else: a frame for a push we already ended; the protocol allows it in flight
+
+    def _start(
+        self, nursery: trio.Nursery, rid: int, fn: Callable[..., Awaitable[None]], *args: Any
+    ) -> _Request:
+        req = _Request()
+        self._requests[rid] = req
+        self.ctx.stats.requests += 1
+        nursery.start_soon(self._guard, rid, req, fn, *args)
+        return req
+
+    async def _guard(
+        self, rid: int, req: _Request, fn: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        # Runs one request; turns its failure into an ERROR frame for that request alone.
+        code: ErrorCode | None = None
+        message = ""
+        try:
+            with req.scope:
+                await fn(*args)
+            if req.scope.cancelled_caught:
+                code, message = ErrorCode.CANCELLED, "cancelled by the client"
+        except CasdError as exc:
+            if isinstance(exc, PeerGone):
+                raise
+            code, message = error_code_for(exc), str(exc)
+            if code == ErrorCode.INTERNAL:
+                log.exception("%s: request %d failed", self.peer.ident, rid)
+        except Exception as exc:  # a bug: report it to the client and the log, keep serving
+            log.exception("%s: request %d crashed", self.peer.ident, rid)
+            code, message = ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"
+        finally:
+            self._requests.pop(rid, None)
+        if code is not None:
+            self.ctx.stats.errors += 1
+            await self.peer.send(casproto.Error(rid, code, message))
+
+    # --- simple requests -----------------------------------------------------------
+
+    async def _has(self, ev: casproto.Has) -> None:
+        have = await self.ctx.run(self.ctx.store.has_chunks, ev.ids)
+        await self.peer.send(casproto.Have(ev.rid, casproto.pack_bitmap(have)))
+
+    async def _stat(self, ev: casproto.Stat) -> None:
+        def stat() -> casproto.BlobInfo:
+            store = self.ctx.store
+            digest = store.resolve(ev.ref)
+            recipe = store.get_recipe(digest)
+            names = tuple(store.names_of(digest))
+            return casproto.BlobInfo(ev.rid, digest, recipe.size, len(recipe.ids), names)
+
+        await self.peer.send(await self.ctx.run(stat))
+
+    async def _list(self, ev: casproto.ListNames) -> None:
+        entries = await self.ctx.run(self.ctx.store.list_names, ev.prefix)
+        await self.peer.send(casproto.Names(ev.rid, tuple(tuple(e) for e in entries)))
+
+    async def _tag(self, ev: casproto.Tag) -> None:
+        await self.ctx.run(self.ctx.store.tag, ev.name, ev.digest)
+        await self.peer.send(casproto.Ok(ev.rid))
+
+    async def _untag(self, ev: casproto.Untag) -> None:
+        await self.ctx.run(self.ctx.store.untag, ev.name)
+        await self.peer.send(casproto.Ok(ev.rid))
+
+    async def _stats(self, ev: casproto.Stats) -> None:
+        st = await self.ctx.run(self.ctx.store.stats)
+        s = self.ctx.stats
+        stats: dict[str, int | float | str] = {
+            "version": __version__,
+            "uptime_s": round(time.time() - s.started, 3),
+            "connections": s.connections,
+            "connections_open": s.connections_open,
+            "requests": s.requests,
+            "pushes": s.pushes,
+            "pulls": s.pulls,
+            "bytes_received": s.bytes_received,
+            "bytes_sent": s.bytes_sent,
+            "chunks_received": s.chunks_received,
+            "chunks_sent": s.chunks_sent,
+            "errors": s.errors,
+            "store_chunks": st.chunks,
+            "store_blobs": st.blobs,
+            "store_names": st.names,
+            "store_raw_bytes": st.raw_bytes,
+            "store_stored_bytes": st.stored_bytes,
+        }
+        stats.update({f"store_{k}": v for k, v in st.extra.items()})
+        await self.peer.send(casproto.StatsResult(ev.rid, stats))
+
+    # --- pull: recipe, then chunks on demand -----------------------------------------
+
+    async def _pull(self, ev: casproto.Pull) -> None:
+        def recipe() -> Any:
+            store = self.ctx.store
+            return store.get_recipe(store.resolve(ev.ref))
+
+        r = await self.ctx.run(recipe)
+        self.ctx.stats.pulls += 1
+        frames: list[casproto.Message] = []
+        n = len(r.ids)
+        for start in range(0, max(n, 1), RECIPE_BATCH):
+            end = min(start + RECIPE_BATCH, n)
+            frames.append(
+                casproto.Recipe(
+                    ev.rid, r.digest, r.size, r.ids[start:end], r.sizes[start:end], end >= n
+                )
+            )
+        await self.peer.send_many(frames)
+
+    async def _want(self, ev: casproto.Want) -> None:
+        zstd_ok = "zstd" in self.features
+        store = self.ctx.store
+
+        def read(ids: tuple[bytes, ...]) -> list[casproto.Chunk]:
+            out = []
+            for cid in ids:
+                s = store.get_stored(cid)
+                if s.codec == casproto.Codec.ZSTD and not zstd_ok:
+                    out.append(casproto.Chunk(ev.rid, cid, casproto.Codec.RAW,
+                                              store.get_chunk(cid)))
+                else:
+                    out.append(casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload))
+            return out
+
+        # A reader task stays one batch ahead of the sender: disk and network overlap.
+        send, recv = trio.open_memory_channel[list[casproto.Chunk]](1)
+
+        async def produce() -> None:
+            async with send:
+                for i in range(0, len(ev.ids), SERVE_BATCH):
+                    await send.send(await self.ctx.run(read, ev.ids[i : i + SERVE_BATCH]))
+
+        async with open_nursery() as nursery:
+            nursery.start_soon(produce)
+            async with recv:
+                async for frames in recv:
+                    await self.peer.send_many(frames)
+                    self.ctx.stats.chunks_sent += len(frames)
+
+    # --- push ------------------------------------------------------------------------
+
+    async def _push(
+        self, ev: casproto.PushBegin, queue: trio.MemoryReceiveChannel[casproto.Message]
+    ) -> None:
+        ingest = BlobIngest(self.ctx.store, ev.name)
+        self.ctx.stats.pushes += 1
+        try:
+            async with queue:
+                while True:
+                    msg = await self._next_push_frame(queue, ingest)
+                    if msg is None:
+                        return  # the client went away; what arrived is kept (finally)
+                    if isinstance(msg, casproto.PushRecipe):
+                        wanted = await self.ctx.run(ingest.want, msg.ids, msg.sizes)
+                        await self.peer.send(
+                            casproto.PushWant(msg.rid, casproto.pack_bitmap(wanted))
+                        )
+                    elif isinstance(msg, casproto.Chunk):
+                        ingest.add_chunk(msg.id, int(msg.codec), msg.data)
+                        self.ctx.stats.chunks_received += 1
+                        if ingest.pending_bytes >= ingest_mod.FLUSH_BYTES:
+                            await self.ctx.run(ingest.flush)
+                    elif isinstance(msg, casproto.PushEnd):
+                        result = await self.ctx.run(ingest.finish, msg.size, msg.digest)
+                        log.info(
+                            "%s: pushed %s (%d bytes, %d/%d chunks new)%s",
+                            self.peer.ident, result.digest, result.size, result.new_chunks,
+                            result.chunks, f" as {ev.name}" if ev.name else "",
+                        )
+                        await self.peer.send(
+                            casproto.PushDone(
+                                msg.rid, result.digest, result.size, result.chunks,
+                                result.new_chunks, result.new_bytes,
+                            )
+                        )
+                        return
+        finally:
+            if ingest.pending_bytes:
+                # Chunks that arrived stay durable even when the push does not finish, so
+                # a retry sends none of them again. Each is verified on the way in.
+                with trio.CancelScope(shield=True), trio.move_on_after(30):
+                    try:
+                        await self.ctx.run(ingest.flush)
+                    except CasdError as exc:
+                        log.info("%s: could not keep chunks of an abandoned push: %s",
+                                 self.peer.ident, exc)
+
+    async def _next_push_frame(
+        self, queue: trio.MemoryReceiveChannel[casproto.Message], ingest: BlobIngest
+    ) -> casproto.Message | None:
+        # While chunks wait in memory, a pause in the stream makes them durable at once:
+        # a stalled or slow client never has more than IDLE_FLUSH_S of work at risk.
+        while True:
+            try:
+                if not ingest.pending_bytes:
+                    return await queue.receive()
+                with trio.move_on_after(IDLE_FLUSH_S):
+                    return await queue.receive()
+            except trio.EndOfChannel:
+                return None
+            await self.ctx.run(ingest.flush)
+
+
+def _token_ok(given: str | None, tokens: frozenset[str]) -> bool:
+    if given is None:
+        return False
+    ok = False
+    for t in tokens:  # compare against every token: timing does not reveal which matched
+        ok |= hmac.compare_digest(given.encode(), t.encode())
+    return ok
+
+
+async def handle_stream(ctx: ServerContext, stream: trio.SocketStream) -> None:
+    """serve_listeners handler: one connection from accept to close."""
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        ident = f"{host}:{port}"
+    except OSError:
+        ident = "?"
+    peer = PeerConnection(stream, casproto.Role.SERVER, ident)
+    ctx.stats.connections += 1
+    ctx.stats.connections_open += 1
+    try:
+        await Session(ctx, peer).run()
+    except Exception:  # a bug in one connection must not take the daemon down
+        log.exception("%s: connection handler crashed", ident)
+    finally:
+        ctx.stats.connections_open -= 1
+        ctx.stats.bytes_received += peer.bytes_received
+        ctx.stats.bytes_sent += peer.bytes_sent
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await peer.aclose()

@@ -1,0 +1,402 @@
+"""DiskStore: pack files plus an LMDB index, laid out as docs/format.md specifies."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lmdb
+
+from casd.chunking import DEFAULT_PARAMS, ChunkerParams, format_digest, parse_digest
+from casd.errors import (
+    BlobIncomplete,
+    BlobMissing,
+    ChunkerParamsMismatch,
+    ChunkMissing,
+    NoSpace,
+    StoreError,
+    StoreFormatError,
+)
+from casd.refs import check_digest, check_name, is_digest
+from casd.storage._encode import DEFAULT_LEVEL, decode_stored, encode_for_store
+from casd.storage.interface import ChunkIn, Codec, PutResult, Recipe, StoredChunk, StoreStats
+from casd.storage.packfile import PACK_TARGET, Location, PackReader, PackWriter
+
+SCHEMA_VERSION = 1
+MARKER = "casd-store.json"
+
+# Address space reserved for the index, not disk: LMDB grows the file as it fills. 1 TiB
+# is ~8 billion chunk entries; far past any single host's data.
+_MAP_SIZE = 1 << 40
+
+# Every worker thread of the daemon may hold a read transaction at once.
+_MAX_READERS = 1024
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_RECIPE_HEAD = struct.Struct(">QI")
+_RECIPE_ENTRY = struct.Struct(">32sI")
+
+
+def _lmdb_error(exc: lmdb.Error, what: str) -> StoreError:
+    text = str(exc)
+    if "No space" in text or "MDB_MAP_FULL" in text:
+        return NoSpace(f"disk full while {what}")
+    return StoreError(f"index error while {what}: {text}")
+
+
+def encode_recipe(recipe: Recipe) -> bytes:
+    parts = [_RECIPE_HEAD.pack(recipe.size, len(recipe.ids))]
+    parts.extend(_RECIPE_ENTRY.pack(i, s) for i, s in zip(recipe.ids, recipe.sizes, strict=True))
+    return b"".join(parts)
+
+
+def decode_recipe(digest: str, value: bytes) -> Recipe:
+    size, count = _RECIPE_HEAD.unpack_from(value)
+    body = memoryview(value)[_RECIPE_HEAD.size :]
+    if len(body) != count * _RECIPE_ENTRY.size:
+        raise StoreError(f"recipe of {digest} is damaged in the index")
+    pairs = list(_RECIPE_ENTRY.iter_unpack(body))
+    ids = tuple(p[0] for p in pairs)
+    sizes = tuple(p[1] for p in pairs)
+    return Recipe(digest, size, ids, sizes)
+
+
+class DiskStore:
+    """A durable store in one data directory. Safe to share between threads.
+
+    Args:
+        path: the data directory; created if ``create`` and absent.
+        params: chunker parameters to record in a new store, and to require of an
+            existing one. ``None`` adopts whatever an existing store has.
+        level: zstd level for chunks at rest (0 keeps them raw).
+
+    Raises:
+        StoreFormatError: the directory holds something that is not a casd store of this
+            version.
+        ChunkerParamsMismatch: the store was created with other chunker parameters.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        params: ChunkerParams | None = DEFAULT_PARAMS,
+        level: int = DEFAULT_LEVEL,
+        create: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._level = level
+        self._packs_dir = os.path.join(self.path, "packs")
+        self._check_marker(create)
+        os.makedirs(self._packs_dir, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                os.path.join(self.path, "index"),
+                map_size=_MAP_SIZE,
+                max_dbs=8,
+                max_readers=_MAX_READERS,
+                subdir=True,
+                sync=True,
+                metasync=True,
+                readahead=False,  # lookups are random; readahead only pollutes the cache
+                writemap=False,  # a stray write can then never corrupt the mapped index
+            )
+            self._meta = self._env.open_db(b"meta")
+            self._chunks = self._env.open_db(b"chunks")
+            self._blobs = self._env.open_db(b"blobs")
+            self._names = self._env.open_db(b"names")
+        except lmdb.Error as exc:
+            raise StoreFormatError(f"cannot open the index in {self.path}: {exc}") from exc
+        self.params = self._check_meta(params)
+        self._reader = PackReader(self._packs_dir)
+        self._writer: PackWriter | None = None
+        self._write_lock = threading.Lock()
+        self._closed = False
+
+    # --- opening ---------------------------------------------------------------------
+
+    def _check_marker(self, create: bool) -> None:
+        marker = os.path.join(self.path, MARKER)
+        if os.path.exists(marker):
+            try:
+                with open(marker) as f:
+                    info = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise StoreFormatError(f"{marker} is unreadable: {exc}") from exc
+            if info.get("format") != "casd-store" or info.get("version") != SCHEMA_VERSION:
+                raise StoreFormatError(
+                    f"{self.path} holds a store of format {info!r}; this casd reads version "
+                    f"{SCHEMA_VERSION}"
+                )
+            return
+        if not create:
+            raise StoreFormatError(f"{self.path} is not a casd store (no {MARKER})")
+        if os.path.isdir(self.path) and os.listdir(self.path):
+            raise StoreFormatError(
+                f"{self.path} is not empty and is not a casd store; "
+                "choose an empty or new directory for --data"
+            )
+        os.makedirs(self.path, exist_ok=True)
+        tmp = marker + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"format": "casd-store", "version": SCHEMA_VERSION}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, marker)
+
+    def _check_meta(self, params: ChunkerParams | None) -> ChunkerParams:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            schema = txn.get(b"schema")
+            if schema is None:
+                txn.put(b"schema", str(SCHEMA_VERSION).encode())
+                chosen = params or DEFAULT_PARAMS
+                txn.put(b"chunker", json.dumps(chosen.to_dict(), sort_keys=True).encode())
+                txn.put(b"next_pack", _U32.pack(1))
+                return chosen
+            if schema != str(SCHEMA_VERSION).encode():
+                raise StoreFormatError(
+                    f"index schema {schema!r} in {self.path}; this casd reads {SCHEMA_VERSION}"
+                )
+            raw = txn.get(b"chunker")
+            stored = ChunkerParams.from_dict(json.loads(raw)) if raw else None
+            if stored is None:
+                raise StoreFormatError(f"index in {self.path} lacks its chunker parameters")
+            if params is not None and params != stored:
+                raise ChunkerParamsMismatch(
+                    f"store {self.path} cuts chunks with {stored.to_dict()}, "
+                    f"but {params.to_dict()} was requested"
+                )
+            return stored
+
+    # --- chunks ----------------------------------------------------------------------
+
+    def _locate(self, txn: Any, chunk_id: bytes) -> Location:
+        value = txn.get(chunk_id, db=self._chunks)
+        if value is None:
+            raise ChunkMissing(chunk_id)
+        return Location.unpack_value(value)
+
+    def has_chunks(self, ids: Sequence[bytes]) -> list[bool]:
+        try:
+            with self._env.begin(db=self._chunks) as txn:
+                return [txn.get(i) is not None for i in ids]
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "looking up chunks") from exc
+
+    def get_stored(self, chunk_id: bytes) -> StoredChunk:
+        try:
+            with self._env.begin() as txn:
+                loc = self._locate(txn, chunk_id)
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "looking up a chunk") from exc
+        payload = self._reader.read(chunk_id, loc)
+        return StoredChunk(chunk_id, Codec(loc.codec), payload, loc.raw_len)
+
+    def get_chunk(self, chunk_id: bytes) -> bytes:
+        s = self.get_stored(chunk_id)
+        return decode_stored(chunk_id, s.codec, s.payload, s.raw_size)
+
+    def put_chunks(self, chunks: Sequence[ChunkIn], *, verify: bool = True) -> PutResult:
+        # Skip what is held before spending CPU on hashing and compression.
+        present = self.has_chunks([c.id for c in chunks])
+        todo: dict[bytes, tuple[bytes, int, int, bytes]] = {}
+        for c, have in zip(chunks, present, strict=True):
+            if have or c.id in todo:
+                continue
+            codec, payload = encode_for_store(c, verify=verify, level=self._level)
+            todo[c.id] = (c.id, int(codec), len(c.data), payload)
+        if not todo:
+            return PutResult()
+        with self._write_lock:
+            self._check_open()
+            # Another writer may have stored some of these while we encoded.
+            still = self.has_chunks(list(todo))
+            records = [r for r, have in zip(todo.values(), still, strict=True) if not have]
+            if not records:
+                return PutResult()
+            writer = self._current_writer()
+            try:
+                locs = writer.append(records)
+            except BaseException:
+                self._abandon_writer()
+                raise
+            raw = sum(r[2] for r in records)
+            stored = sum(len(r[3]) for r in records)
+            try:
+                with self._env.begin(write=True) as txn:
+                    for rec, loc in zip(records, locs, strict=True):
+                        txn.put(rec[0], loc.pack_value(), db=self._chunks)
+                    self._add_counter(txn, b"raw_bytes", raw)
+                    self._add_counter(txn, b"stored_bytes", stored)
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, "indexing new chunks") from exc
+            if writer.size >= PACK_TARGET:
+                self._abandon_writer()
+        return PutResult(len(records), raw, stored)
+
+    def _add_counter(self, txn: Any, key: bytes, delta: int) -> None:
+        old = txn.get(key, db=self._meta)
+        value = _U64.unpack(old)[0] if old else 0
+        txn.put(key, _U64.pack(value + delta), db=self._meta)
+
+    def _current_writer(self) -> PackWriter:
+        if self._writer is None:
+            try:
+                with self._env.begin(write=True, db=self._meta) as txn:
+                    number = _U32.unpack(txn.get(b"next_pack"))[0]
+                    # Committed before the file exists: a number is never handed out twice.
+                    txn.put(b"next_pack", _U32.pack(number + 1))
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, "starting a new pack") from exc
+            self._writer = PackWriter(self._packs_dir, number)
+        return self._writer
+
+    def _abandon_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # --- blobs -----------------------------------------------------------------------
+
+    def get_recipe(self, digest: str) -> Recipe:
+        key = self._digest_key(digest)
+        try:
+            with self._env.begin(db=self._blobs) as txn:
+                value = txn.get(key)
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "reading a recipe") from exc
+        if value is None:
+            raise BlobMissing(digest)
+        return decode_recipe(digest, value)
+
+    def has_blob(self, digest: str) -> bool:
+        key = self._digest_key(digest)
+        with self._env.begin(db=self._blobs) as txn:
+            return txn.get(key) is not None
+
+    def commit_blob(self, recipe: Recipe, name: str | None = None) -> bool:
+        key = self._digest_key(recipe.digest)
+        if name is not None:
+            check_name(name)
+        with self._write_lock:
+            self._check_open()
+            try:
+                with self._env.begin(write=True) as txn:
+                    missing = sum(
+                        1 for i in set(recipe.ids) if txn.get(i, db=self._chunks) is None
+                    )
+                    if missing:
+                        raise BlobIncomplete(recipe.digest, missing)
+                    new = txn.get(key, db=self._blobs) is None
+                    if new:
+                        txn.put(key, encode_recipe(recipe), db=self._blobs)
+                    if name is not None:
+                        txn.put(name.encode(), key, db=self._names)
+                    return new
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, "committing a blob") from exc
+
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        with self._env.begin(db=self._blobs) as txn:
+            for key, value in txn.cursor():
+                yield format_digest(bytes(key)), _RECIPE_HEAD.unpack_from(value)[0]
+
+    @staticmethod
+    def _digest_key(digest: str) -> bytes:
+        check_digest(digest)
+        return parse_digest(digest)
+
+    # --- names -----------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        if is_digest(ref):
+            if not self.has_blob(ref):
+                raise BlobMissing(ref)
+            return ref
+        check_name(ref)
+        with self._env.begin(db=self._names) as txn:
+            value = txn.get(ref.encode())
+        if value is None:
+            raise BlobMissing(ref)
+        return format_digest(bytes(value))
+
+    def tag(self, name: str, digest: str) -> None:
+        check_name(name)
+        key = self._digest_key(digest)
+        with self._write_lock:
+            self._check_open()
+            try:
+                with self._env.begin(write=True) as txn:
+                    if txn.get(key, db=self._blobs) is None:
+                        raise BlobMissing(digest)
+                    txn.put(name.encode(), key, db=self._names)
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, "tagging") from exc
+
+    def untag(self, name: str) -> None:
+        check_name(name)
+        with self._write_lock:
+            self._check_open()
+            try:
+                with self._env.begin(write=True, db=self._names) as txn:
+                    if not txn.delete(name.encode()):
+                        raise BlobMissing(name)
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, "untagging") from exc
+
+    def list_names(self, prefix: str = "") -> list[tuple[str, str]]:
+        start = prefix.encode()
+        out: list[tuple[str, str]] = []
+        with self._env.begin(db=self._names) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(start):
+                return out
+            for key, value in cur:
+                if not key.startswith(start):
+                    break
+                out.append((bytes(key).decode(), format_digest(bytes(value))))
+        return out
+
+    def names_of(self, digest: str) -> list[str]:
+        key = self._digest_key(digest)
+        with self._env.begin(db=self._names) as txn:
+            return [bytes(k).decode() for k, v in txn.cursor() if v == key]
+
+    # --- the rest --------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        with self._env.begin() as txn:
+            raw = txn.get(b"raw_bytes", db=self._meta)
+            stored = txn.get(b"stored_bytes", db=self._meta)
+            return StoreStats(
+                chunks=txn.stat(self._chunks)["entries"],
+                blobs=txn.stat(self._blobs)["entries"],
+                names=txn.stat(self._names)["entries"],
+                raw_bytes=_U64.unpack(raw)[0] if raw else 0,
+                stored_bytes=_U64.unpack(stored)[0] if stored else 0,
+                extra={"packs": len(os.listdir(self._packs_dir))},
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the store is closed")
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._abandon_writer()
+            self._reader.close()
+            self._env.close()
+
+    def __enter__(self) -> DiskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,216 @@
+"""What a casd store is: small layered interfaces whose docstrings are contracts.
+
+A store holds three things: *chunks* (bytes named by their BLAKE3 id), *blobs* (a
+sha256 digest and its recipe: the ordered chunk ids and sizes that make it up) and
+*names* (text that points at a blob digest). Every implementation passes
+``casd.storage.testing.StoreConformance``.
+
+All methods are synchronous and thread-safe; the daemon calls them from worker threads.
+Writes are serialized inside the store; reads run concurrently with writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol, runtime_checkable
+
+
+class Codec(IntEnum):
+    """How a chunk's bytes are held, at rest and on the wire (same numbers as casproto)."""
+
+    RAW = 0
+    ZSTD = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkIn:
+    """A chunk handed to a store.
+
+    ``data`` is the chunk itself. ``encoded``, when given, is the same chunk already
+    encoded with ``codec`` (for example as it came off the wire), so the store need not
+    compress it again; the store decides whether to keep it.
+    """
+
+    id: bytes
+    data: bytes | memoryview
+    codec: Codec = Codec.RAW
+    encoded: bytes | memoryview | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    """A chunk as the store holds it: ``payload`` is ``raw_size`` bytes once decoded."""
+
+    id: bytes
+    codec: Codec
+    payload: bytes
+    raw_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """A blob: its digest, size, and the chunks it is made of, in order."""
+
+    digest: str
+    size: int
+    ids: tuple[bytes, ...]
+    sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.sizes):
+            raise ValueError("recipe ids and sizes differ in length")
+        if sum(self.sizes) != self.size:
+            raise ValueError(f"recipe sizes add to {sum(self.sizes)}, not {self.size}")
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What a ``put_chunks`` call changed."""
+
+    new_chunks: int = 0
+    new_raw_bytes: int = 0
+    new_stored_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    chunks: int
+    blobs: int
+    names: int
+    raw_bytes: int  # chunk bytes before compression, each distinct chunk once
+    stored_bytes: int  # chunk bytes as held (after compression), excluding record headers
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ChunkReader(Protocol):
+    def has_chunks(self, ids: Sequence[bytes]) -> list[bool]:
+        """For each id, whether the store holds that chunk. Never raises for unknown ids.
+
+        Raises:
+            StoreError: the index could not be read.
+        """
+        ...
+
+    def get_chunk(self, chunk_id: bytes) -> bytes:
+        """The chunk's bytes, decoded and checked against the stored checksum.
+
+        Raises:
+            ChunkMissing: no such chunk.
+            ChunkCorrupt: the stored bytes fail their checksum or do not decode. Corrupt
+                bytes are never returned.
+        """
+        ...
+
+    def get_stored(self, chunk_id: bytes) -> StoredChunk:
+        """The chunk as stored (possibly compressed), checked against its checksum.
+
+        Lets a server send a chunk without decoding and re-encoding it.
+
+        Raises:
+            ChunkMissing, ChunkCorrupt: as :meth:`get_chunk`.
+        """
+        ...
+
+
+@runtime_checkable
+class ChunkWriter(ChunkReader, Protocol):
+    def put_chunks(self, chunks: Sequence[ChunkIn], *, verify: bool = True) -> PutResult:
+        """Store a batch of chunks. Idempotent: chunks already held are skipped.
+
+        Either every chunk of the batch is durable (fsynced) and indexed when this returns,
+        or the call raises and none of the batch became visible. With ``verify`` (the
+        default) each chunk's bytes are hashed and must match its id; a caller that has
+        just hashed them itself may pass ``verify=False``.
+
+        Raises:
+            ChunkCorrupt: ``verify`` is on and a chunk does not hash to its id, or its
+                ``encoded`` form does not decode to ``data``.
+            NoSpace: the disk is full; the store stays consistent and usable.
+            StoreError: any other failure to write.
+        """
+        ...
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    def get_recipe(self, digest: str) -> Recipe:
+        """The recipe of a committed blob.
+
+        Raises:
+            BlobMissing: no blob with that digest.
+        """
+        ...
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether a blob with this digest is committed."""
+        ...
+
+    def commit_blob(self, recipe: Recipe, name: str | None = None) -> bool:
+        """Make a blob visible, and optionally point ``name`` at it, in one atomic step.
+
+        The caller vouches that the chunks, in order, hash to ``recipe.digest`` (it
+        assembled and hashed them); the store checks that it holds every chunk. Returns
+        whether the blob is new. Committing an existing blob again only moves the name.
+
+        Raises:
+            BlobIncomplete: a chunk of the recipe is not in the store; nothing changed.
+            InvalidRef: ``name`` is not a valid name.
+        """
+        ...
+
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        """(digest, size) of every committed blob, in digest order."""
+        ...
+
+
+@runtime_checkable
+class RefStore(Protocol):
+    def resolve(self, ref: str) -> str:
+        """The digest a name points at; a digest of a committed blob resolves to itself.
+
+        Raises:
+            BlobMissing: unknown name, or a digest of no committed blob.
+            InvalidRef: ``ref`` is neither a valid name nor a valid digest.
+        """
+        ...
+
+    def tag(self, name: str, digest: str) -> None:
+        """Point ``name`` at a committed blob, replacing what it pointed at.
+
+        Raises:
+            BlobMissing: no such blob.
+            InvalidRef: bad name or digest text.
+        """
+        ...
+
+    def untag(self, name: str) -> None:
+        """Remove a name (the blob stays until garbage collection).
+
+        Raises:
+            BlobMissing: no such name.
+        """
+        ...
+
+    def list_names(self, prefix: str = "") -> list[tuple[str, str]]:
+        """(name, digest) pairs whose name starts with ``prefix``, sorted by name."""
+        ...
+
+    def names_of(self, digest: str) -> list[str]:
+        """The names that point at ``digest``, sorted."""
+        ...
+
+
+@runtime_checkable
+class Store(ChunkWriter, BlobStore, RefStore, Protocol):
+    """A complete store: chunks, blobs and names."""
+
+    def stats(self) -> StoreStats:
+        """Counts and byte totals; cheap (no scan of the data)."""
+        ...
+
+    def close(self) -> None:
+        """Release files and the index. Idempotent; the store is unusable afterwards."""
+        ...

@@ -1,0 +1,61 @@
+"""zstd with the Python 3.14 ``compression.zstd`` API (``backports.zstd`` before 3.14).
+
+That API, unlike the ``zstandard`` package, can use raw content as a *prefix*
+(``ZstdDict(base, is_raw=True).as_prefix``), which delta encoding against a base needs.
+Compressor contexts are reused per thread: making one costs more than compressing a
+small chunk, and a context must not be shared between threads.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+if sys.version_info >= (3, 14):  # pragma: no cover - exercised on 3.14 only
+    from compression.zstd import ZstdCompressor, ZstdDecompressor, ZstdError, get_frame_info
+else:
+    from backports.zstd import ZstdCompressor, ZstdDecompressor, ZstdError, get_frame_info
+
+__all__ = ["ZstdError", "compress", "decompress_bounded"]
+
+_local = threading.local()
+
+
+def compress(data: bytes | bytearray | memoryview, level: int) -> bytes:
+    """One complete zstd frame holding ``data``, with its content size in the header."""
+    comps: dict[int, ZstdCompressor] | None = getattr(_local, "comps", None)
+    if comps is None:
+        comps = _local.comps = {}
+    comp = comps.get(level)
+    if comp is None:
+        comp = comps[level] = ZstdCompressor(level=level)
+    return comp.compress(data, mode=ZstdCompressor.FLUSH_FRAME)
+
+
+def decompress_bounded(data: bytes | bytearray | memoryview, expected_size: int) -> bytes:
+    """Decode one zstd frame that must hold exactly ``expected_size`` bytes.
+
+    The frame header's content size is checked *before* decoding, so a hostile frame
+    cannot make us allocate more than the caller expects (a decompression bomb).
+
+    Raises:
+        ValueError: the frame is malformed, lacks a content size, or holds another size.
+    """
+    try:
+        info = get_frame_info(data)
+    except ZstdError as exc:
+        raise ValueError(f"not a zstd frame: {exc}") from exc
+    if info.decompressed_size != expected_size:
+        raise ValueError(
+            f"zstd frame declares {info.decompressed_size} bytes, expected {expected_size}"
+        )
+    dec = ZstdDecompressor()
+    try:
+        out = dec.decompress(data, max_length=expected_size + 1)
+    except ZstdError as exc:
+        raise ValueError(f"zstd frame does not decode: {exc}") from exc
+    if not dec.eof or dec.unused_data:
+        raise ValueError("zstd payload is truncated or has bytes after its frame")
+    if len(out) != expected_size:
+        raise ValueError(f"zstd frame decoded to {len(out)} bytes, expected {expected_size}")
+    return out

@@ -1,0 +1,297 @@
+"""The messages of SPEC §3 and §4 as frozen dataclasses.
+
+Every message has `rid` first, then the spec's fields in spec order, so the wire form is
+simply `[TYPE, rid, *fields]`. The classes only hold data; _codec.py checks field types
+and _state.py checks whether a message may be sent now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+from ._errors import ErrorCode
+
+
+class Codec(IntEnum):
+    """How CHUNK data is encoded (SPEC §4)."""
+
+    RAW = 0
+    #: One zstd frame whose content is the chunk; only after "zstd" was negotiated.
+    ZSTD = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all messages. `rid` names the request; 0 names the connection itself."""
+
+    TYPE: ClassVar[int] = 0
+    rid: int
+
+
+# --- connection setup (SPEC §3) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """C→S, first frame of a connection."""
+
+    TYPE: ClassVar[int] = 1
+    version: int
+    features: tuple[str, ...]
+    token: str | None
+    agent: str
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """S→C answer to HELLO. `features` is the negotiated subset of the client's."""
+
+    TYPE: ClassVar[int] = 2
+    version: int
+    features: tuple[str, ...]
+    agent: str
+    chunker: dict[str, str | int]
+    max_frame: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Ends request `rid`, or the whole connection when `rid` is 0."""
+
+    TYPE: ClassVar[int] = 3
+    code: ErrorCode
+    message: str
+
+
+# --- single-answer requests (SPEC §4) ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Has(Message):
+    """C→S: which of these chunk ids does the server have? Answered by HAVE."""
+
+    TYPE: ClassVar[int] = 10
+    ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Have(Message):
+    """S→C: bit i set ⇔ the server has `ids[i]` of the HAS. Terminal."""
+
+    TYPE: ClassVar[int] = 11
+    bitmap: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Stat(Message):
+    """C→S: describe the blob named by `ref` (a name or a digest). Answered by BLOB_INFO."""
+
+    TYPE: ClassVar[int] = 12
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo(Message):
+    """S→C answer to STAT. Terminal."""
+
+    TYPE: ClassVar[int] = 13
+    digest: str
+    size: int
+    chunks: int
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListNames(Message):
+    """C→S: LIST the names starting with `prefix`. Answered by NAMES."""
+
+    TYPE: ClassVar[int] = 14
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class Names(Message):
+    """S→C answer to LIST: `(name, digest)` pairs sorted by name. Terminal."""
+
+    TYPE: ClassVar[int] = 15
+    entries: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tag(Message):
+    """C→S: point `name` at the blob `digest`. Answered by OK."""
+
+    TYPE: ClassVar[int] = 16
+    name: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Message):
+    """S→C answer to TAG and UNTAG. Terminal."""
+
+    TYPE: ClassVar[int] = 17
+
+
+@dataclass(frozen=True, slots=True)
+class Untag(Message):
+    """C→S: remove `name`. Answered by OK."""
+
+    TYPE: ClassVar[int] = 18
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stats(Message):
+    """C→S: ask for server statistics. Answered by STATS_RESULT."""
+
+    TYPE: ClassVar[int] = 19
+
+
+@dataclass(frozen=True, slots=True)
+class StatsResult(Message):
+    """S→C answer to STATS. Terminal."""
+
+    TYPE: ClassVar[int] = 20
+    stats: dict[str, int | float | str]
+
+
+# --- push (SPEC §5) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PushBegin(Message):
+    """C→S: open a push, optionally naming the blob."""
+
+    TYPE: ClassVar[int] = 30
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PushRecipe(Message):
+    """C→S: the next batch of the blob's recipe. Answered by one PUSH_WANT."""
+
+    TYPE: ClassVar[int] = 31
+    ids: tuple[bytes, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PushWant(Message):
+    """S→C: bit i set ⇔ the client must send entry i of the matching PUSH_RECIPE."""
+
+    TYPE: ClassVar[int] = 32
+    bitmap: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk(Message):
+    """Chunk bytes: C→S within a push, S→C answering a WANT.
+
+    `data` may be any bytes-like object when sending; it is `bytes` when received.
+    """
+
+    TYPE: ClassVar[int] = 33
+    id: bytes
+    codec: Codec
+    data: bytes
+
+    def __repr__(self) -> str:
+        # Chunks are up to 256 KiB: print their size, not their bytes. Never raise here,
+        # even for a Chunk built with wrong types (its repr ends up in error messages).
+        try:
+            data = f"<{memoryview(self.data).nbytes} bytes>"
+        except TypeError:
+            data = repr(self.data)
+        ident = self.id.hex() if isinstance(self.id, bytes) else repr(self.id)
+        return f"Chunk(rid={self.rid!r}, id={ident}, codec={self.codec!r}, data={data})"
+
+
+@dataclass(frozen=True, slots=True)
+class PushEnd(Message):
+    """C→S: every wanted chunk is sent; the blob has `size` bytes and `digest`."""
+
+    TYPE: ClassVar[int] = 34
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushDone(Message):
+    """S→C: the pushed blob is stored and visible. Terminal."""
+
+    TYPE: ClassVar[int] = 35
+    digest: str
+    size: int
+    chunks: int
+    new_chunks: int
+    new_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """C→S: stop request `rid`; it still ends with its terminal or an ERROR."""
+
+    TYPE: ClassVar[int] = 36
+
+
+# --- pull (SPEC §4.1) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Pull(Message):
+    """C→S: send the recipe of the blob named by `ref`. Answered by RECIPE frames."""
+
+    TYPE: ClassVar[int] = 40
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe(Message):
+    """S→C: the next part of a blob's recipe; the request ends with `last=True`."""
+
+    TYPE: ClassVar[int] = 41
+    digest: str
+    size: int
+    ids: tuple[bytes, ...]
+    sizes: tuple[int, ...]
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Want(Message):
+    """C→S: send these chunks. Answered by exactly `len(ids)` CHUNK frames, in order."""
+
+    TYPE: ClassVar[int] = 42
+    ids: tuple[bytes, ...]
+
+
+#: Every concrete message class, in type-code order.
+MESSAGE_CLASSES: tuple[type[Message], ...] = (
+    Hello,
+    Welcome,
+    Error,
+    Has,
+    Have,
+    Stat,
+    BlobInfo,
+    ListNames,
+    Names,
+    Tag,
+    Ok,
+    Untag,
+    Stats,
+    StatsResult,
+    PushBegin,
+    PushRecipe,
+    PushWant,
+    Chunk,
+    PushEnd,
+    PushDone,
+    Cancel,
+    Pull,
+    Recipe,
+    Want,
+)

@@ -1,0 +1,133 @@
+"""DiskStore: the conformance suite, plus what only a durable store must do."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from casd.chunking import ChunkerParams
+from casd.errors import ChunkCorrupt, ChunkerParamsMismatch, NoSpace, StoreFormatError
+from casd.storage import packfile
+from casd.storage.disk import DiskStore
+from casd.storage.testing import StoreConformance, make_chunk, read_blob, store_blob
+
+
+class TestDiskStore(StoreConformance):
+    def make_store(self) -> Iterator[DiskStore]:
+        with tempfile.TemporaryDirectory() as d:
+            store = DiskStore(os.path.join(d, "store"))
+            try:
+                yield store
+            finally:
+                store.close()
+
+
+def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
+    data = os.urandom(300_000) + b"z" * 300_000
+    with DiskStore(tmp_path / "s") as store:
+        recipe = store_blob(store, data, name="keep")
+        stats = store.stats()
+    with DiskStore(tmp_path / "s") as store:
+        assert store.resolve("keep") == recipe.digest
+        assert read_blob(store, recipe.digest) == data
+        assert store.stats().chunks == stats.chunks
+        assert store.stats().raw_bytes == stats.raw_bytes
+
+
+def test_a_flipped_byte_in_a_pack_fails_the_read(tmp_path: Path) -> None:
+    data = os.urandom(40_000)
+    with DiskStore(tmp_path / "s") as store:
+        c = make_chunk(data)
+        store.put_chunks([c])
+    (pack,) = (tmp_path / "s" / "packs").iterdir()
+    raw = bytearray(pack.read_bytes())
+    raw[-1000] ^= 0x40
+    pack.write_bytes(bytes(raw))
+    with DiskStore(tmp_path / "s") as store:
+        with pytest.raises(ChunkCorrupt, match="checksum mismatch"):
+            store.get_chunk(c.id)
+        with pytest.raises(ChunkCorrupt):
+            store.get_stored(c.id)
+
+
+def test_a_truncated_pack_fails_the_read(tmp_path: Path) -> None:
+    with DiskStore(tmp_path / "s") as store:
+        c = make_chunk(os.urandom(40_000))
+        store.put_chunks([c])
+    (pack,) = (tmp_path / "s" / "packs").iterdir()
+    os.truncate(pack, pack.stat().st_size - 10)
+    with DiskStore(tmp_path / "s") as store, pytest.raises(ChunkCorrupt, match="truncated"):
+        store.get_chunk(c.id)
+
+
+def test_chunker_parameters_are_recorded_and_checked(tmp_path: Path) -> None:
+    other = ChunkerParams(min=8192, avg=32768, max=131072)
+    DiskStore(tmp_path / "s", params=other).close()
+    with pytest.raises(ChunkerParamsMismatch, match="cuts chunks with"):
+        DiskStore(tmp_path / "s")
+    with DiskStore(tmp_path / "s", params=None) as store:
+        assert store.params == other
+
+
+def test_a_non_empty_foreign_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "important.txt").write_text("do not touch")
+    with pytest.raises(StoreFormatError, match="not empty"):
+        DiskStore(tmp_path)
+    assert (tmp_path / "important.txt").read_text() == "do not touch"
+
+
+def test_open_without_create_requires_a_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreFormatError, match="not a casd store"):
+        DiskStore(tmp_path / "missing", create=False)
+
+
+def test_unindexed_bytes_from_a_crash_are_ignored(tmp_path: Path) -> None:
+    # A crash between the pack append and the index commit leaves a tail nobody indexes.
+    with DiskStore(tmp_path / "s") as store:
+        kept = store_blob(store, os.urandom(100_000), name="kept")
+    (pack,) = (tmp_path / "s" / "packs").iterdir()
+    with open(pack, "ab") as f:
+        f.write(b"half a record from a dead process")
+    with DiskStore(tmp_path / "s") as store:
+        assert read_blob(store, store.resolve("kept"))
+        more = store_blob(store, os.urandom(100_000), name="more")
+        assert len(list((tmp_path / "s" / "packs").iterdir())) == 2  # never appends after a restart
+        assert read_blob(store, more.digest)
+
+
+def test_packs_roll_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("casd.storage.disk.PACK_TARGET", 100_000)
+    with DiskStore(tmp_path / "s", level=0) as store:
+        chunks = [make_chunk(os.urandom(60_000)) for _ in range(5)]
+        for c in chunks:
+            store.put_chunks([c])
+        # A pack takes appends until it passes the target: two 60 kB chunks per pack.
+        assert len(list((tmp_path / "s" / "packs").iterdir())) == 3
+        assert all(store.get_chunk(c.id) == c.data for c in chunks)
+
+
+def test_disk_full_fails_cleanly_and_the_store_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with DiskStore(tmp_path / "s") as store:
+        before = make_chunk(os.urandom(10_000))
+        store.put_chunks([before])
+        real_writev = os.writev
+
+        def full(fd: int, bufs: list[bytes]) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(packfile.os, "writev", full)
+        lost = make_chunk(os.urandom(10_000))
+        with pytest.raises(NoSpace, match="disk full"):
+            store.put_chunks([lost])
+        assert store.has_chunks([lost.id]) == [False]
+        monkeypatch.setattr(packfile.os, "writev", real_writev)
+        store.put_chunks([lost])  # space is back: a new pack takes the write
+        assert store.get_chunk(lost.id) == lost.data
+        assert store.get_chunk(before.id) == before.data
