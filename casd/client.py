@@ -57,8 +57,9 @@ PULL_BATCH_BYTES = 8 * 1024 * 1024
 PULL_WINDOW_BATCHES = 4
 
 # zstd level for chunks sent over the wire (the server keeps them as sent when that saves
-# space, so this is also the level at rest for pushed data).
-WIRE_LEVEL = 3
+# space, so this is also the level at rest for pushed data). On real files level 1
+# compresses 1.4x faster than level 3 for a ratio 1-3 % worse (docs: limits.md).
+WIRE_LEVEL = 1
 
 CONNECT_TIMEOUT = 10.0
 
@@ -232,9 +233,7 @@ class Client:
                         wanted = casproto.unpack_bitmap(want.bitmap, len(batch.ids))
                         idx = [i for i, w in enumerate(wanted) if w]
                         if idx:
-                            frames = await trio.to_thread.run_sync(
-                                self._encode_chunks, rid, batch, idx
-                            )
+                            frames = await self._encode_parallel(rid, batch, idx)
                             await self.peer.send_many(frames)
                             sent_chunks += len(frames)
                             sent_bytes += sum(len(f.data) for f in frames)
@@ -260,6 +259,24 @@ class Client:
             wire_bytes=self.peer.wire_bytes - wire_before,
             new_chunks=done.new_chunks,
         )
+
+    async def _encode_parallel(
+        self, rid: int, batch: _Batch, idx: list[int]
+    ) -> list[casproto.Chunk]:
+        # zstd releases the GIL: compressing halves of a batch on two threads uses both
+        # cores (measured 240 -> 436 MB/s at level 1 on real files here).
+        if not self.compress or len(idx) < 4:
+            return self._encode_chunks(rid, batch, idx)
+        parts: list[list[casproto.Chunk]] = [[], []]
+        half = len(idx) // 2
+
+        async def encode(k: int, part: list[int]) -> None:
+            parts[k] = await trio.to_thread.run_sync(self._encode_chunks, rid, batch, part)
+
+        async with open_nursery() as nursery:
+            nursery.start_soon(encode, 0, idx[:half])
+            nursery.start_soon(encode, 1, idx[half:])
+        return parts[0] + parts[1]
 
     def _encode_chunks(self, rid: int, batch: _Batch, idx: list[int]) -> list[casproto.Chunk]:
         # Runs in a worker thread: zstd releases the GIL.
@@ -341,22 +358,43 @@ class Client:
                     await self.peer.send(casproto.Want(rid, ids))
                     await opened_send.send((rid, recv, ids))
 
+        verified_send, verified_recv = trio.open_memory_channel[
+            list[tuple[bytes, bytes | memoryview]]
+        ](1)
+
         async def receive() -> None:
+            # Decode and verify each batch on two threads (zstd and BLAKE3 release the
+            # GIL) while the writer task writes the previous one.
             nonlocal fetched_bytes
-            async with opened_recv:
+            async with opened_recv, verified_send:
                 async for rid, recv, ids in opened_recv:
                     try:
                         frames = [await self._reply(recv) for _ in ids]
                     finally:
                         self._close(rid)
                     fetched_bytes += sum(len(f.data) for f in frames)
-                    written = await trio.to_thread.run_sync(assembler.feed, frames)
+                    half = len(frames) // 2
+                    parts: list[list[tuple[bytes, bytes | memoryview]]] = [[], []]
+
+                    async def check(k: int, part: list[casproto.Chunk]) -> None:
+                        parts[k] = await trio.to_thread.run_sync(assembler.verify, part)
+
+                    async with open_nursery() as checkers:
+                        checkers.start_soon(check, 0, frames[:half])
+                        checkers.start_soon(check, 1, frames[half:])
+                    await verified_send.send(parts[0] + parts[1])
+
+        async def write() -> None:
+            async with verified_recv:
+                async for chunks in verified_recv:
+                    written = await trio.to_thread.run_sync(assembler.feed, chunks)
                     if progress is not None:
                         progress(written)
 
         async with open_nursery() as nursery:
             nursery.start_soon(ask)
             nursery.start_soon(receive)
+            nursery.start_soon(write)
         written = await trio.to_thread.run_sync(assembler.finish)
         if progress is not None:
             progress(written)
@@ -455,8 +493,14 @@ class _Assembler:
                 out.append((cid, size))
         return out
 
-    def feed(self, frames: list[casproto.Chunk]) -> int:
-        """Verify fetched chunks, then write everything that can be written. Thread."""
+    def verify(self, frames: list[casproto.Chunk]) -> list[tuple[bytes, bytes | memoryview]]:
+        """Decode fetched chunks and check each against its id. Thread-safe.
+
+        Raises:
+            ChunkCorrupt: a chunk is not in the recipe, does not decode, or does not hash
+                to its id.
+        """
+        out: list[tuple[bytes, bytes | memoryview]] = []
         for f in frames:
             size = self._sizes.get(f.id)
             if size is None:
@@ -470,7 +514,12 @@ class _Assembler:
                 data = f.data
             if len(data) != size or chunk_id(data) != f.id:
                 raise ChunkCorrupt(f.id, "the server sent bytes that do not hash to the chunk id")
-            self._ready[f.id] = data
+            out.append((f.id, data))
+        return out
+
+    def feed(self, chunks: list[tuple[bytes, bytes | memoryview]]) -> int:
+        """Take verified chunks and write everything that can now be written."""
+        self._ready.update(chunks)
         return self._write_available()
 
     def _write_available(self) -> int:

@@ -34,6 +34,14 @@ class IngestResult:
     new_blob: bool
 
 
+@dataclass(frozen=True, slots=True)
+class StoreBatch:
+    """Received chunks handed from the network side to a storing thread."""
+
+    items: list[tuple[bytes, int, bytes, int]]  # (id, codec, data as sent, raw size)
+    limit: int  # recipe entries before this position can be hashed once it is stored
+
+
 class IngestError(StoreError):
     """The pushed data is inconsistent (a protocol-level INVALID / DIGEST_MISMATCH)."""
 
@@ -51,8 +59,8 @@ class BlobIngest:
         self._ids: list[bytes] = []
         self._sizes: list[int] = []
         self._asked: set[bytes] = set()
-        # Wanted (id, size) pairs whose data has not arrived yet, in the order they must.
-        self._expect: deque[tuple[bytes, int]] = deque()
+        # Wanted (id, size, recipe position) whose data has not arrived yet, in order.
+        self._expect: deque[tuple[bytes, int, int]] = deque()
         # Received, not yet stored: (id, codec, data as sent, raw size from the recipe).
         self._pending: list[tuple[bytes, int, bytes, int]] = []
         self._pending_bytes = 0
@@ -70,73 +78,88 @@ class BlobIngest:
         """Take the next batch of the recipe; return which entries the sender must send.
 
         Each distinct id is asked for at most once per blob, and never when the store
-        already holds it.
+        already holds it. May run in a worker thread while :meth:`store_batch` runs in
+        another: it only appends to what that one reads.
         """
         have = self._store.has_chunks(ids)
         wanted: list[bool] = []
-        for cid, size, held in zip(ids, sizes, have, strict=True):
+        base = len(self._ids)
+        for k, (cid, size, held) in enumerate(zip(ids, sizes, have, strict=True)):
             need = not held and cid not in self._asked
             if need:
                 self._asked.add(cid)
-                self._expect.append((cid, size))
+                self._expect.append((cid, size, base + k))
             wanted.append(need)
-        self._ids.extend(ids)
         self._sizes.extend(sizes)
+        self._ids.extend(ids)  # last: a reader that sees an id also sees its size
         return wanted
 
     def add_chunk(self, cid: bytes, codec: int, data: bytes) -> None:
-        """Buffer one wanted chunk (cheap; decoding and hashing happen in :meth:`flush`).
+        """Buffer one wanted chunk (cheap; decoding and hashing happen in store_batch).
 
         Raises:
             IngestError: the chunk is not the next one wanted.
         """
         if not self._expect or self._expect[0][0] != cid:
             raise IngestError(f"chunk {cid.hex()} was not asked for at this point")
-        _, size = self._expect.popleft()
+        _, size, _ = self._expect.popleft()
         self._pending.append((cid, codec, data, size))
         self._pending_bytes += len(data)
 
-    def flush(self) -> None:
-        """Decode, verify and store the buffered chunks, then hash as far as possible.
+    def take_batch(self) -> StoreBatch:
+        """Hand over the buffered chunks, with how far the blob can be hashed after them.
+
+        Every recipe entry before the first chunk still awaited is either held by the
+        store or in this or an earlier batch, so hashing can reach that point.
+        """
+        limit = self._expect[0][2] if self._expect else len(self._ids)
+        batch = StoreBatch(self._pending, limit)
+        self._pending = []
+        self._pending_bytes = 0
+        return batch
+
+    def store_batch(self, batch: StoreBatch, *, hash_blob: bool = True) -> None:
+        """Decode, verify and store a batch, then hash the blob up to its limit.
+
+        Batches must be stored in the order they were taken, one at a time.
 
         Raises:
             ChunkCorrupt: a chunk does not decode or does not hash to its id.
+            IngestError: the recipe's sizes disagree with the chunks.
             NoSpace, StoreError: the store could not take them.
         """
-        batch: list[ChunkIn] = []
-        for cid, codec, data, size in self._pending:
+        chunks: list[ChunkIn] = []
+        for cid, codec, data, size in batch.items:
             if codec == Codec.ZSTD:
                 try:
                     raw = zstd.decompress_bounded(data, size)
                 except ValueError as exc:
                     raise ChunkCorrupt(cid, f"sent zstd data is invalid: {exc}") from exc
-                batch.append(ChunkIn(cid, raw, Codec.ZSTD, data))
+                chunks.append(ChunkIn(cid, raw, Codec.ZSTD, data, decoded_from_encoded=True))
             elif codec == Codec.RAW:
                 if len(data) != size:
                     raise ChunkCorrupt(cid, f"sent {len(data)} bytes, the recipe says {size}")
-                batch.append(ChunkIn(cid, data))
+                chunks.append(ChunkIn(cid, data))
             else:
                 raise ChunkCorrupt(cid, f"sent with unknown codec {codec}")
-        self._pending = []
-        self._pending_bytes = 0
-        if batch:
-            result = self._store.put_chunks(batch, verify=True)
+        if chunks:
+            result = self._store.put_chunks(chunks, verify=True)
             self._new_chunks += result.new_chunks
             self._new_bytes += result.new_stored_bytes
-        self._advance_hash({c.id: c.data for c in batch})
+        if hash_blob:
+            self._advance_hash({c.id: c.data for c in chunks}, batch.limit)
 
-    def _advance_hash(self, fresh: dict[bytes, bytes | memoryview]) -> None:
-        # Entries up to the first chunk still expected from the sender can be hashed now:
-        # fresh ones from memory, the rest from the store.
-        stop = len(self._ids)
-        if self._expect:
-            waiting = self._expect[0][0]
-            # The first entry naming the awaited id is where hashing must pause.
-            for i in range(self._hashed, len(self._ids)):
-                if self._ids[i] == waiting:
-                    stop = i
-                    break
-        for i in range(self._hashed, stop):
+    def flush(self) -> None:
+        """Store everything buffered now (take_batch + store_batch in one call)."""
+        self.store_batch(self.take_batch())
+
+    def keep_received(self) -> None:
+        """Store what was received of a push that will not finish, so a retry skips it."""
+        self.store_batch(self.take_batch(), hash_blob=False)
+
+    def _advance_hash(self, fresh: dict[bytes, bytes | memoryview], limit: int) -> None:
+        # Fresh chunks hash from memory; held ones and earlier batches' from the store.
+        for i in range(self._hashed, limit):
             cid = self._ids[i]
             data = fresh.get(cid)
             if data is None:
@@ -147,7 +170,7 @@ class BlobIngest:
                     f"has {len(data)}"
                 )
             self._sha.update(data)
-        self._hashed = stop
+        self._hashed = max(self._hashed, limit)
 
     def finish(self, size: int, digest: str) -> IngestResult:
         """Check size and digest, then commit the blob (and name) atomically.

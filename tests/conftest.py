@@ -8,10 +8,10 @@ from pathlib import Path
 
 from hypothesis import settings
 
-# pytest's default "prepend" import mode puts this directory on sys.path. Folders here
-# mirror package names without __init__.py files (tests/casproto/, ...), and would then
-# be imported as empty namespace packages instead of the editable-installed ones, whose
-# finder runs after sys.path is searched. Test modules import fine without this entry.
+# Without tests/__init__.py, pytest's default "prepend" import mode puts this directory on
+# sys.path, and folders named like packages (tests/casproto/, no __init__.py) would be
+# imported as empty namespace packages instead of the editable installs, whose finder
+# runs only after sys.path is searched. Nothing here needs the entry.
 _HERE = Path(__file__).parent.resolve()
 sys.path[:] = [entry for entry in sys.path if not entry or Path(entry).resolve() != _HERE]
 

@@ -32,7 +32,7 @@ from casd.errors import (
     PeerGone,
 )
 from casd import ingest as ingest_mod
-from casd.ingest import BlobIngest, IngestError
+from casd.ingest import BlobIngest, IngestError, StoreBatch
 from casd.peer import PeerConnection
 from casd.storage.interface import Store
 
@@ -361,49 +361,65 @@ class Session:
     ) -> None:
         ingest = BlobIngest(self.ctx.store, ev.name)
         self.ctx.stats.pushes += 1
+        # One storer task writes batches in order while this task keeps taking frames:
+        # receiving, and decoding/verifying/writing, overlap. The channel holds one batch,
+        # so at most ~3 x FLUSH_BYTES of a push are in memory.
+        to_store, storing = trio.open_memory_channel[StoreBatch](1)
+
+        async def storer() -> None:
+            async with storing:
+                async for batch in storing:
+                    await self.ctx.run(ingest.store_batch, batch)
+
         try:
-            async with queue:
-                while True:
-                    msg = await self._next_push_frame(queue, ingest)
-                    if msg is None:
-                        return  # the client went away; what arrived is kept (finally)
-                    if isinstance(msg, casproto.PushRecipe):
-                        wanted = await self.ctx.run(ingest.want, msg.ids, msg.sizes)
-                        await self.peer.send(
-                            casproto.PushWant(msg.rid, casproto.pack_bitmap(wanted))
-                        )
-                    elif isinstance(msg, casproto.Chunk):
-                        ingest.add_chunk(msg.id, int(msg.codec), msg.data)
-                        self.ctx.stats.chunks_received += 1
-                        if ingest.pending_bytes >= ingest_mod.FLUSH_BYTES:
-                            await self.ctx.run(ingest.flush)
-                    elif isinstance(msg, casproto.PushEnd):
-                        result = await self.ctx.run(ingest.finish, msg.size, msg.digest)
-                        log.info(
-                            "%s: pushed %s (%d bytes, %d/%d chunks new)%s",
-                            self.peer.ident, result.digest, result.size, result.new_chunks,
-                            result.chunks, f" as {ev.name}" if ev.name else "",
-                        )
-                        await self.peer.send(
-                            casproto.PushDone(
-                                msg.rid, result.digest, result.size, result.chunks,
-                                result.new_chunks, result.new_bytes,
+            async with open_nursery() as nursery:
+                nursery.start_soon(storer)
+                async with to_store, queue:
+                    while True:
+                        msg = await self._next_push_frame(queue, ingest, to_store)
+                        if msg is None:
+                            return  # the client went away; what arrived is kept (finally)
+                        if isinstance(msg, casproto.PushRecipe):
+                            wanted = await self.ctx.run(ingest.want, msg.ids, msg.sizes)
+                            await self.peer.send(
+                                casproto.PushWant(msg.rid, casproto.pack_bitmap(wanted))
                             )
-                        )
-                        return
+                        elif isinstance(msg, casproto.Chunk):
+                            ingest.add_chunk(msg.id, int(msg.codec), msg.data)
+                            self.ctx.stats.chunks_received += 1
+                            if ingest.pending_bytes >= ingest_mod.FLUSH_BYTES:
+                                await to_store.send(ingest.take_batch())
+                        elif isinstance(msg, casproto.PushEnd):
+                            break
+            # Every batch is stored now (the storer finished with the nursery).
+            result = await self.ctx.run(ingest.finish, msg.size, msg.digest)
         finally:
             if ingest.pending_bytes:
                 # Chunks that arrived stay durable even when the push does not finish, so
                 # a retry sends none of them again. Each is verified on the way in.
                 with trio.CancelScope(shield=True), trio.move_on_after(30):
                     try:
-                        await self.ctx.run(ingest.flush)
+                        await self.ctx.run(ingest.keep_received)
                     except CasdError as exc:
                         log.info("%s: could not keep chunks of an abandoned push: %s",
                                  self.peer.ident, exc)
+        log.info(
+            "%s: pushed %s (%d bytes, %d/%d chunks new)%s",
+            self.peer.ident, result.digest, result.size, result.new_chunks,
+            result.chunks, f" as {ev.name}" if ev.name else "",
+        )
+        await self.peer.send(
+            casproto.PushDone(
+                msg.rid, result.digest, result.size, result.chunks,
+                result.new_chunks, result.new_bytes,
+            )
+        )
 
     async def _next_push_frame(
-        self, queue: trio.MemoryReceiveChannel[casproto.Message], ingest: BlobIngest
+        self,
+        queue: trio.MemoryReceiveChannel[casproto.Message],
+        ingest: BlobIngest,
+        to_store: trio.MemorySendChannel[StoreBatch],
     ) -> casproto.Message | None:
         # While chunks wait in memory, a pause in the stream makes them durable at once:
         # a stalled or slow client never has more than IDLE_FLUSH_S of work at risk.
@@ -415,7 +431,7 @@ class Session:
                     return await queue.receive()
             except trio.EndOfChannel:
                 return None
-            await self.ctx.run(ingest.flush)
+            await to_store.send(ingest.take_batch())
 
 
 def _token_ok(given: str | None, tokens: frozenset[str]) -> bool:

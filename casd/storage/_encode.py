@@ -30,7 +30,7 @@ def encode_for_store(chunk: ChunkIn, *, verify: bool, level: int) -> tuple[Codec
     raw_len = len(data)
     if chunk.encoded is not None and chunk.codec == Codec.ZSTD:
         encoded = bytes(chunk.encoded)
-        if verify:
+        if verify and not chunk.decoded_from_encoded:
             try:
                 decoded = zstd.decompress_bounded(encoded, raw_len)
             except ValueError as exc:

@@ -30,13 +30,16 @@ class ChunkIn:
 
     ``data`` is the chunk itself. ``encoded``, when given, is the same chunk already
     encoded with ``codec`` (for example as it came off the wire), so the store need not
-    compress it again; the store decides whether to keep it.
+    compress it again; the store decides whether to keep it. ``decoded_from_encoded``
+    says ``data`` was obtained by decoding ``encoded``, which spares the store decoding
+    it a second time to check that the two agree.
     """
 
     id: bytes
     data: bytes | memoryview
     codec: Codec = Codec.RAW
     encoded: bytes | memoryview | None = None
+    decoded_from_encoded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
