@@ -110,7 +110,8 @@ class Daemon:
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(
                 [str(BIN / "casd"), "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
-                stdout=f, stderr=f,
+                stdout=f,
+                stderr=f,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -190,7 +191,9 @@ def run_size(mib: int, work: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="256,1024", help="comma-separated sizes in MiB")
     ap.add_argument("--workdir", help="where inputs and stores go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the input files in --workdir")
@@ -205,19 +208,27 @@ def main() -> None:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"{'size':>6} | {'sha256sum':>9} | {'put':>7} | {'put/sha':>7} | {'cat':>6} | {'get':>6} "
-          f"| {'get/cat':>7} | {'seeded':>6} | {'delta wire':>11} | {'of size':>7} | {'/ideal':>6}")
+    print(
+        f"{'size':>6} | {'sha256sum':>9} | {'put':>7} | {'put/sha':>7} | {'cat':>6} | {'get':>6} "
+        f"| {'get/cat':>7} | {'seeded':>6} | {'delta wire':>11} | {'of size':>7} | {'/ideal':>6}"
+    )
     for r in rows:
-        print(f"{r['size_mib']:>4}Mi | {r['sha256sum_s']:>8.2f}s | {r['put_s']:>6.2f}s | "
-              f"{r['put_over_sha256sum']:>6.2f}x | {r['cat_s']:>5.2f}s | {r['get_s']:>5.2f}s | "
-              f"{r['get_over_cat']:>6.1f}x | {r['seeded_get_s']:>5.2f}s | "
-              f"{r['delta_wire_bytes']:>11,} | {100 * r['delta_wire_fraction']:>6.2f}% | "
-              f"{r['delta_wire_over_ideal_raw']:>5.2f}x")
+        print(
+            f"{r['size_mib']:>4}Mi | {r['sha256sum_s']:>8.2f}s | {r['put_s']:>6.2f}s | "
+            f"{r['put_over_sha256sum']:>6.2f}x | {r['cat_s']:>5.2f}s | {r['get_s']:>5.2f}s | "
+            f"{r['get_over_cat']:>6.1f}x | {r['seeded_get_s']:>5.2f}s | "
+            f"{r['delta_wire_bytes']:>11,} | {100 * r['delta_wire_fraction']:>6.2f}% | "
+            f"{r['delta_wire_over_ideal_raw']:>5.2f}x"
+        )
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     out = results / f"core-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    env = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
-           "kernel": platform.release()}
+    env = {
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+    }
     out.write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
 

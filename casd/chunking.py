@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -102,7 +103,7 @@ class Chunker:
         self.params = params
         self._cdc = _FastCDC(avg_size=params.avg, min_size=params.min, max_size=params.max)
 
-    def cut(self, buf: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    def cut(self, buf: bytes | bytearray | memoryview | mmap.mmap) -> Iterator[memoryview]:
         """Yield zero-copy views of the chunks of ``buf``, in order; the last ends at its end."""
         for c in self._cdc.cut_buf(memoryview(buf)):  # mmap objects need the view
             yield c.data

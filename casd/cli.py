@@ -51,8 +51,12 @@ class _ProgressBar:
         )
 
         self._progress = Progress(
-            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
         )
         self._task = self._progress.add_task(label, total=total)
 
@@ -70,13 +74,15 @@ class _ProgressBar:
             self._progress.advance(self._task, n)
 
 
-def _chunks_of(path: str, chunker: Chunker, stack: contextlib.ExitStack) -> tuple[Iterator[memoryview], int | None]:
+def _chunks_of(
+    path: str, chunker: Chunker, stack: contextlib.ExitStack
+) -> tuple[Iterator[memoryview], int | None]:
     if path == "-":
         if sys.stdin.isatty():
             raise UserError("refusing to read a blob from a terminal; pipe data in or give a PATH")
         return chunker.cut_stream(sys.stdin.buffer), None
     try:
-        f = stack.enter_context(open(path, "rb"))
+        f = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - the stack closes it
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from exc
     size = os.fstat(f.fileno()).st_size
@@ -138,7 +144,9 @@ async def cmd_get(client: Client, args: argparse.Namespace) -> int:
         if args.output in (None, "-"):
             if args.json:
                 raise UserError("--json needs -o PATH (stdout carries the JSON)")
-            r = await client.pull(args.ref, sys.stdout.buffer, seeds=args.seed, progress=bar.advance)
+            r = await client.pull(
+                args.ref, sys.stdout.buffer, seeds=args.seed, progress=bar.advance
+            )
             sys.stdout.buffer.flush()
         else:
             r = await _get_to_file(client, args, bar)
@@ -150,10 +158,12 @@ async def cmd_get(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _get_to_file(client: Client, args: argparse.Namespace, bar: _ProgressBar) -> TransferResult:
+async def _get_to_file(
+    client: Client, args: argparse.Namespace, bar: _ProgressBar
+) -> TransferResult:
     # Write beside the target and rename over it only once the digest verified: a failed
     # get never leaves a partial or wrong file at PATH, and a seed may be PATH itself.
-    target = os.path.abspath(args.output)
+    target = os.path.abspath(args.output)  # noqa: ASYNC240 - no I/O beyond getcwd
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".casctl-get-")
     try:
         with os.fdopen(fd, "wb") as out:
@@ -171,12 +181,23 @@ async def _get_to_file(client: Client, args: argparse.Namespace, bar: _ProgressB
 async def cmd_stat(client: Client, args: argparse.Namespace) -> int:
     info = await client.stat(args.ref)
     if args.json:
-        print(json.dumps({"digest": info.digest, "size": info.size, "chunks": info.chunks,
-                          "names": list(info.names), "chunks_transferred": 0,
-                          "wire_bytes": client.peer.wire_bytes}))
+        print(
+            json.dumps(
+                {
+                    "digest": info.digest,
+                    "size": info.size,
+                    "chunks": info.chunks,
+                    "names": list(info.names),
+                    "chunks_transferred": 0,
+                    "wire_bytes": client.peer.wire_bytes,
+                }
+            )
+        )
     else:
-        print(f"digest  {info.digest}\nsize    {info.size} ({human(info.size)})\n"
-              f"chunks  {info.chunks}\nnames   {', '.join(info.names) or '-'}")
+        print(
+            f"digest  {info.digest}\nsize    {info.size} ({human(info.size)})\n"
+            f"chunks  {info.chunks}\nnames   {', '.join(info.names) or '-'}"
+        )
     return 0
 
 
@@ -220,8 +241,13 @@ async def cmd_stats(client: Client, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "put": cmd_put, "get": cmd_get, "stat": cmd_stat, "ls": cmd_ls,
-    "tag": cmd_tag, "rm": cmd_rm, "stats": cmd_stats,
+    "put": cmd_put,
+    "get": cmd_get,
+    "stat": cmd_stat,
+    "ls": cmd_ls,
+    "tag": cmd_tag,
+    "rm": cmd_rm,
+    "stats": cmd_stats,
 }
 
 
@@ -233,13 +259,23 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--server", default=d(os.environ.get("CASD_SERVER", DEFAULT_LISTEN)), metavar="HOST:PORT",
+        "--server",
+        default=d(os.environ.get("CASD_SERVER", DEFAULT_LISTEN)),
+        metavar="HOST:PORT",
         help=f"casd server to talk to (default: $CASD_SERVER or {DEFAULT_LISTEN})",
     )
-    common.add_argument("--token", default=d(os.environ.get("CASD_TOKEN")),
-                        help="access token, if the server requires one (default: $CASD_TOKEN)")
-    common.add_argument("-q", "--quiet", action="store_true", default=d(False),
-                        help="no progress bar and no summary on stderr")
+    common.add_argument(
+        "--token",
+        default=d(os.environ.get("CASD_TOKEN")),
+        help="access token, if the server requires one (default: $CASD_TOKEN)",
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=d(False),
+        help="no progress bar and no summary on stderr",
+    )
     return common
 
 
@@ -258,23 +294,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"casctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("put", parents=[common], help="store a file or stdin; prints its digest",
-                       description="Store a blob. Only chunks the server lacks are sent; "
-                       "prints the blob's sha256 digest.")
+    s = sub.add_parser(
+        "put",
+        parents=[common],
+        help="store a file or stdin; prints its digest",
+        description="Store a blob. Only chunks the server lacks are sent; "
+        "prints the blob's sha256 digest.",
+    )
     s.add_argument("path", metavar="PATH|-", help="file to store, or - for standard input")
     s.add_argument("--name", help="also point this name at the blob")
-    s.add_argument("--no-compress", action="store_true",
-                   help="send chunks uncompressed (zstd is used when the server allows it)")
+    s.add_argument(
+        "--no-compress",
+        action="store_true",
+        help="send chunks uncompressed (zstd is used when the server allows it)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object with the figures")
 
-    s = sub.add_parser("get", parents=[common], help="fetch a blob by name or digest",
-                       description="Fetch a blob. Chunks found in --seed files are not "
-                       "fetched. The result is verified against the digest before it "
-                       "replaces PATH.")
+    s = sub.add_parser(
+        "get",
+        parents=[common],
+        help="fetch a blob by name or digest",
+        description="Fetch a blob. Chunks found in --seed files are not "
+        "fetched. The result is verified against the digest before it "
+        "replaces PATH.",
+    )
     s.add_argument("ref", metavar="NAME|DIGEST")
     s.add_argument("-o", "--output", metavar="PATH", help="write here (default: stdout)")
-    s.add_argument("--seed", action="append", default=[], metavar="PATH",
-                   help="local file that may share chunks with the blob (repeatable)")
+    s.add_argument(
+        "--seed",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="local file that may share chunks with the blob (repeatable)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object with the figures")
 
     s = sub.add_parser("stat", parents=[common], help="show a blob's digest, size and names")

@@ -9,6 +9,7 @@ throughput does not depend on round-trip time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import math
@@ -22,8 +23,6 @@ from typing import Any, BinaryIO
 import casproto
 import trio
 
-from casd.nursery import open_nursery
-
 from casd import __version__, zstd
 from casd.chunking import EMPTY_DIGEST, Chunker, ChunkerParams, chunk_id, format_digest
 from casd.errors import (
@@ -35,6 +34,7 @@ from casd.errors import (
     PeerGone,
     PeerRefused,
 )
+from casd.nursery import open_nursery
 from casd.peer import PeerConnection
 
 Progress = Callable[[int], None]  # called with bytes of the blob done since the last call
@@ -86,7 +86,9 @@ def _refused(err: casproto.Error) -> PeerRefused:
     elif code == casproto.ErrorCode.UNAUTHORIZED:
         exc.hint = "pass the server's token with --token or CASD_TOKEN"
     elif code == casproto.ErrorCode.NO_SPACE:
-        exc.hint = "the server's disk is full; nothing partial became visible, retry after freeing space"
+        exc.hint = (
+            "the server's disk is full; nothing partial became visible, retry after freeing space"
+        )
     return exc
 
 
@@ -165,16 +167,21 @@ class Client:
         out: list[bool] = []
         for start in range(0, len(ids), casproto.MAX_BATCH):
             part = tuple(ids[start : start + casproto.MAX_BATCH])
-            reply = await self._call(lambda rid, p=part: casproto.Has(rid, p))
+
+            def has(rid: int, part: tuple[bytes, ...] = part) -> casproto.Message:
+                return casproto.Has(rid, part)
+
+            reply = await self._call(has)
             out.extend(casproto.unpack_bitmap(reply.bitmap, len(part)))
         return out
 
     async def stat(self, ref: str) -> casproto.BlobInfo:
-        return await self._call(lambda rid: casproto.Stat(rid, ref))  # type: ignore[no-any-return]
+        reply: casproto.BlobInfo = await self._call(lambda rid: casproto.Stat(rid, ref))
+        return reply
 
     async def list_names(self, prefix: str = "") -> list[tuple[str, str]]:
         reply = await self._call(lambda rid: casproto.ListNames(rid, prefix))
-        return [tuple(e) for e in reply.entries]  # type: ignore[misc]
+        return [(name, digest) for name, digest in reply.entries]
 
     async def tag(self, name: str, digest: str) -> None:
         await self._call(lambda rid: casproto.Tag(rid, name, digest))
@@ -305,7 +312,9 @@ class Client:
                 ids.extend(part.ids)
                 sizes.extend(part.sizes)
                 if part.last:
-                    return casproto.Recipe(0, part.digest, part.size, tuple(ids), tuple(sizes), True)
+                    return casproto.Recipe(
+                        0, part.digest, part.size, tuple(ids), tuple(sizes), True
+                    )
         finally:
             self._close(rid)
 
@@ -332,7 +341,9 @@ class Client:
         assembler = _Assembler(recipe, out)
         if seeds:
             if self.chunker_params is None:
-                raise ConfigError("the server cuts chunks in a way this casctl does not know; seeds cannot help")
+                raise ConfigError(
+                    "the server cuts chunks in a way this casctl does not know; seeds cannot help"
+                )
             await trio.to_thread.run_sync(assembler.index_seeds, seeds, self.chunker_params)
         need = assembler.needed()
         batches: list[tuple[bytes, ...]] = []
@@ -376,7 +387,11 @@ class Client:
                     half = len(frames) // 2
                     parts: list[list[tuple[bytes, bytes | memoryview]]] = [[], []]
 
-                    async def check(k: int, part: list[casproto.Chunk]) -> None:
+                    async def check(
+                        k: int,
+                        part: list[casproto.Chunk],
+                        parts: list[list[tuple[bytes, bytes | memoryview]]] = parts,
+                    ) -> None:
                         parts[k] = await trio.to_thread.run_sync(assembler.verify, part)
 
                     async with open_nursery() as checkers:
@@ -511,7 +526,7 @@ class _Assembler:
                 except ValueError as exc:
                     raise ChunkCorrupt(f.id, f"sent zstd data is invalid: {exc}") from exc
             else:
-                data = f.data
+                data = bytes(f.data)  # received data is bytes already: no copy
             if len(data) != size or chunk_id(data) != f.id:
                 raise ChunkCorrupt(f.id, "the server sent bytes that do not hash to the chunk id")
             out.append((f.id, data))
@@ -555,10 +570,8 @@ class _Assembler:
         finally:
             self._seed.clear()
             for mm in self._maps:
-                try:
+                with contextlib.suppress(BufferError):  # a view still lives; GC unmaps
                     mm.close()
-                except BufferError:  # a view is still alive; the map goes with it
-                    pass
 
 
 @asynccontextmanager
@@ -583,6 +596,15 @@ async def open_client(
         err = PeerError(f"cannot connect to casd at {address}: {exc.strerror or exc}")
         err.hint = "is `casd serve` running there? set the address with --server or CASD_SERVER"
         raise err from exc
+    async with open_client_on_stream(stream, address, token=token, compress=compress) as c:
+        yield c
+
+
+@asynccontextmanager
+async def open_client_on_stream(
+    stream: trio.abc.Stream, address: str, *, token: str | None = None, compress: bool = True
+) -> AsyncIterator[Client]:
+    """Handshake over an already open stream (TCP, TLS, or in-memory in tests)."""
     peer = PeerConnection(stream, casproto.Role.CLIENT, address)
     try:
         await peer.send(

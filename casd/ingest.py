@@ -198,4 +198,3 @@ class BlobIngest:
         return IngestResult(
             digest, size, len(self._ids), self._new_chunks, self._new_bytes, new_blob
         )
-

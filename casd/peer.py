@@ -71,7 +71,7 @@ class PeerConnection:
             raise
         self.bytes_sent += size
 
-    async def next_event(self) -> casproto.Message | type[casproto.CLOSED]:
+    async def next_event(self) -> casproto.Event:
         """The next message from the peer, or ``casproto.CLOSED`` at a clean end.
 
         Raises:
@@ -81,7 +81,7 @@ class PeerConnection:
         while True:
             event = self.conn.next_event()
             if event is not casproto.NEED_DATA:
-                return event  # type: ignore[return-value]
+                return event
             try:
                 data = await self.stream.receive_some(RECV_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -20,10 +20,9 @@ from functools import partial
 
 import trio
 
-from casd.nursery import open_nursery
-
 from casd import __version__
 from casd.errors import CasdError, ConfigError
+from casd.nursery import open_nursery
 from casd.server.service import ServerContext, handle_stream
 from casd.storage.disk import DiskStore
 
@@ -34,7 +33,9 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 
 def default_data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return os.path.join(base, "casd")
 
 
@@ -90,7 +91,11 @@ def load_tokens(tokens: Sequence[str], token_file: str | None) -> frozenset[str]
     return frozenset(out)
 
 
-async def serve(config: ServeConfig, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    config: ServeConfig,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the daemon until cancelled or signalled. Never returns normally.
 
     ``task_status.started`` gets the bound (host, port) pairs, so
@@ -105,23 +110,35 @@ async def serve(config: ServeConfig, *, task_status: trio.TaskStatus[list[tuple[
     try:
         ctx = ServerContext(store=store, tokens=config.tokens)
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-        bound = [l.socket.getsockname()[:2] for l in listeners]  # type: ignore[attr-defined]
+        bound = [lst.socket.getsockname()[:2] for lst in listeners]
         stop = trio.Event()
         async with open_nursery() as outer:
             handlers = await outer.start(_run_handlers, stop)
             async with open_nursery() as accept:
                 accept.start_soon(
-                    partial(trio.serve_listeners, partial(handle_stream, ctx), listeners,
-                            handler_nursery=handlers)
+                    partial(
+                        trio.serve_listeners,
+                        partial(handle_stream, ctx),
+                        listeners,
+                        handler_nursery=handlers,
+                    )
                 )
                 for host, port in bound:
-                    log.info("casd %s ready: listening on %s:%d, data in %s", __version__,
-                             host, port, config.data)
+                    log.info(
+                        "casd %s ready: listening on %s:%d, data in %s",
+                        __version__,
+                        host,
+                        port,
+                        config.data,
+                    )
                 task_status.started(bound)
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
-                        log.info("received %s: no new connections; %.0fs for open ones to finish",
-                                 signal.Signals(signum).name, config.grace)
+                        log.info(
+                            "received %s: no new connections; %.0fs for open ones to finish",
+                            signal.Signals(signum).name,
+                            config.grace,
+                        )
                         break
                 accept.cancel_scope.cancel()
             handlers.cancel_scope.deadline = trio.current_time() + config.grace
@@ -157,20 +174,43 @@ def build_parser() -> argparse.ArgumentParser:
             "SIGTERM."
         ),
     )
-    s.add_argument("--data", default=os.environ.get("CASD_DATA") or default_data_dir(),
-                   help="store directory (default: $CASD_DATA or %(default)s)")
-    s.add_argument("--listen", default=os.environ.get("CASD_LISTEN", DEFAULT_LISTEN),
-                   metavar="HOST:PORT",
-                   help="address to listen on; port 0 picks a free one (default: %(default)s)")
-    s.add_argument("--token", action="append", default=[],
-                   help="accept clients presenting this token (repeatable; also CASD_TOKEN)")
+    s.add_argument(
+        "--data",
+        default=os.environ.get("CASD_DATA") or default_data_dir(),
+        help="store directory (default: $CASD_DATA or %(default)s)",
+    )
+    s.add_argument(
+        "--listen",
+        default=os.environ.get("CASD_LISTEN", DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help="address to listen on; port 0 picks a free one (default: %(default)s)",
+    )
+    s.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        help="accept clients presenting this token (repeatable; also CASD_TOKEN)",
+    )
     s.add_argument("--token-file", help="file with one accepted token per line")
-    s.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback listen address without any token")
-    s.add_argument("--compress-level", type=int, default=3, metavar="N",
-                   help="zstd level for chunks at rest, 0 to store raw (default: %(default)s)")
-    s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
-                   help="on shutdown, how long open requests may run on (default: %(default)s)")
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback listen address without any token",
+    )
+    s.add_argument(
+        "--compress-level",
+        type=int,
+        default=3,
+        metavar="N",
+        help="zstd level for chunks at rest, 0 to store raw (default: %(default)s)",
+    )
+    s.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on shutdown, how long open requests may run on (default: %(default)s)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -178,15 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
+        level=args.log_level.upper(),
+        stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
         host, port = parse_hostport(args.listen)
         config = ServeConfig(
-            data=os.path.abspath(args.data), host=host, port=port,
-            tokens=load_tokens(args.token, args.token_file), insecure=args.insecure,
-            level=args.compress_level, grace=args.grace,
+            data=os.path.abspath(args.data),
+            host=host,
+            port=port,
+            tokens=load_tokens(args.token, args.token_file),
+            insecure=args.insecure,
+            level=args.compress_level,
+            grace=args.grace,
         )
         trio.run(serve, config)
     except CasdError as exc:
@@ -195,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"casd: hint: {exc.hint}", file=sys.stderr)
         return 1
     except OSError as exc:  # binding failed: port in use, permission
-        print(f"casd: error: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"casd: error: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr
+        )
         return 1
     return 0
 

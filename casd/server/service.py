@@ -8,6 +8,7 @@ frames.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
@@ -17,11 +18,10 @@ from typing import Any
 
 import casproto
 import trio
-
-from casd.nursery import open_nursery
 from casproto import ErrorCode
 
 from casd import __version__
+from casd import ingest as ingest_mod
 from casd.errors import (
     BlobMissing,
     CasdError,
@@ -31,8 +31,8 @@ from casd.errors import (
     NoSpace,
     PeerGone,
 )
-from casd import ingest as ingest_mod
 from casd.ingest import BlobIngest, IngestError, StoreBatch
+from casd.nursery import open_nursery
 from casd.peer import PeerConnection
 from casd.storage.interface import Store
 
@@ -134,10 +134,8 @@ class Session:
 
     async def _send_fatal(self, code: ErrorCode, message: str) -> None:
         with trio.move_on_after(5):
-            try:
+            with contextlib.suppress(PeerGone, casproto.ProtocolError):
                 await self.peer.send(casproto.Error(0, code, message))
-            except (PeerGone, casproto.ProtocolError):
-                pass
 
     async def _handshake(self) -> bool:
         hello: object = None
@@ -197,23 +195,22 @@ class Session:
             assert isinstance(ev, casproto.Message)
             kind = type(ev)
             rid = ev.rid
-            if kind is casproto.Error and rid == 0:
+            if isinstance(ev, casproto.Error) and rid == 0:
                 log.info("%s: client error: %s", self.peer.ident, ev.message)
                 return
             if kind in handlers:
                 self._start(nursery, rid, handlers[kind], ev)
             elif kind is casproto.PushBegin:
                 send, recv = trio.open_memory_channel[casproto.Message](PUSH_QUEUE_FRAMES)
-                req = self._start(nursery, rid, self._push, ev, recv)
-                req.queue = send
+                self._start(nursery, rid, self._push, ev, recv).queue = send
             elif kind is casproto.Cancel:
-                req = self._requests.get(rid)
-                if req is not None:
-                    req.scope.cancel()
+                cancelled = self._requests.get(rid)
+                if cancelled is not None:
+                    cancelled.scope.cancel()
             else:
-                req = self._requests.get(rid)
-                if req is not None and req.queue is not None:
-                    await req.queue.send(ev)
+                push = self._requests.get(rid)
+                if push is not None and push.queue is not None:
+                    await push.queue.send(ev)
                 # else: a frame for a push we already ended; the protocol allows it in flight
 
     def _start(
@@ -333,8 +330,9 @@ class Session:
             for cid in ids:
                 s = store.get_stored(cid)
                 if s.codec == casproto.Codec.ZSTD and not zstd_ok:
-                    out.append(casproto.Chunk(ev.rid, cid, casproto.Codec.RAW,
-                                              store.get_chunk(cid)))
+                    out.append(
+                        casproto.Chunk(ev.rid, cid, casproto.Codec.RAW, store.get_chunk(cid))
+                    )
                 else:
                     out.append(casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload))
             return out
@@ -385,7 +383,8 @@ class Session:
                                 casproto.PushWant(msg.rid, casproto.pack_bitmap(wanted))
                             )
                         elif isinstance(msg, casproto.Chunk):
-                            ingest.add_chunk(msg.id, int(msg.codec), msg.data)
+                            data = bytes(msg.data)  # already bytes when received: no copy
+                            ingest.add_chunk(msg.id, int(msg.codec), data)
                             self.ctx.stats.chunks_received += 1
                             if ingest.pending_bytes >= ingest_mod.FLUSH_BYTES:
                                 await to_store.send(ingest.take_batch())
@@ -401,17 +400,28 @@ class Session:
                     try:
                         await self.ctx.run(ingest.keep_received)
                     except CasdError as exc:
-                        log.info("%s: could not keep chunks of an abandoned push: %s",
-                                 self.peer.ident, exc)
+                        log.info(
+                            "%s: could not keep chunks of an abandoned push: %s",
+                            self.peer.ident,
+                            exc,
+                        )
         log.info(
             "%s: pushed %s (%d bytes, %d/%d chunks new)%s",
-            self.peer.ident, result.digest, result.size, result.new_chunks,
-            result.chunks, f" as {ev.name}" if ev.name else "",
+            self.peer.ident,
+            result.digest,
+            result.size,
+            result.new_chunks,
+            result.chunks,
+            f" as {ev.name}" if ev.name else "",
         )
         await self.peer.send(
             casproto.PushDone(
-                msg.rid, result.digest, result.size, result.chunks,
-                result.new_chunks, result.new_bytes,
+                msg.rid,
+                result.digest,
+                result.size,
+                result.chunks,
+                result.new_chunks,
+                result.new_bytes,
             )
         )
 

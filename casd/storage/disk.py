@@ -248,7 +248,10 @@ class DiskStore:
         if self._writer is None:
             try:
                 with self._env.begin(write=True, db=self._meta) as txn:
-                    number = _U32.unpack(txn.get(b"next_pack"))[0]
+                    raw = txn.get(b"next_pack")
+                    if raw is None:
+                        raise StoreFormatError(f"index in {self.path} lacks next_pack")
+                    number = _U32.unpack(raw)[0]
                     # Committed before the file exists: a number is never handed out twice.
                     txn.put(b"next_pack", _U32.pack(number + 1))
             except lmdb.Error as exc:
@@ -287,9 +290,7 @@ class DiskStore:
             self._check_open()
             try:
                 with self._env.begin(write=True) as txn:
-                    missing = sum(
-                        1 for i in set(recipe.ids) if txn.get(i, db=self._chunks) is None
-                    )
+                    missing = sum(1 for i in set(recipe.ids) if txn.get(i, db=self._chunks) is None)
                     if missing:
                         raise BlobIncomplete(recipe.digest, missing)
                     new = txn.get(key, db=self._blobs) is None

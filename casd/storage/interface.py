@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Protocol, runtime_checkable
 
+import casproto
 
-class Codec(IntEnum):
-    """How a chunk's bytes are held, at rest and on the wire (same numbers as casproto)."""
-
-    RAW = 0
-    ZSTD = 1
+# How a chunk's bytes are held: the same numbers at rest and on the wire, so a chunk
+# moves from pack file to socket without being decoded and encoded again.
+Codec = casproto.Codec
 
 
 @dataclass(frozen=True, slots=True)

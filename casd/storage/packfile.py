@@ -99,9 +99,7 @@ class PackWriter:
             raise _translate_os_error(exc, f"creating pack {self.path}") from exc
         self.size = PACK_HEADER.size
 
-    def append(
-        self, records: list[tuple[bytes, int, int, bytes]]
-    ) -> list[Location]:
+    def append(self, records: list[tuple[bytes, int, int, bytes]]) -> list[Location]:
         """Append (chunk id, codec, raw_len, payload) records and make them durable.
 
         Returns where each one landed. Nothing is indexed here; the caller commits the
@@ -120,9 +118,7 @@ class PackWriter:
         offset = self.size
         for cid, codec, raw_len, payload in records:
             xx = checksum(payload)
-            header = RECORD_HEADER.pack(
-                RECORD_MAGIC, codec, 0, raw_len, len(payload), 0, cid, xx
-            )
+            header = RECORD_HEADER.pack(RECORD_MAGIC, codec, 0, raw_len, len(payload), 0, cid, xx)
             iov.append(header)
             iov.append(payload)
             locs.append(Location(self.number, offset, len(payload), raw_len, codec, xx))

@@ -60,7 +60,8 @@ class StoreConformance:
         c = make_chunk(data)
         assert store.has_chunks([c.id]) == [False]
         result = store.put_chunks([c])
-        assert result.new_chunks == 1 and result.new_raw_bytes == len(data)
+        assert result.new_chunks == 1
+        assert result.new_raw_bytes == len(data)
         assert store.has_chunks([c.id]) == [True]
         assert store.get_chunk(c.id) == data
 
@@ -75,7 +76,8 @@ class StoreConformance:
         result = store.put_chunks([c])
         assert result.new_stored_bytes < result.new_raw_bytes // 10
         stored = store.get_stored(c.id)
-        assert stored.codec == Codec.ZSTD and stored.raw_size == 100_000
+        assert stored.codec == Codec.ZSTD
+        assert stored.raw_size == 100_000
         assert store.get_chunk(c.id) == c.data
 
     def test_incompressible_chunks_are_kept_raw(self, store: Store) -> None:

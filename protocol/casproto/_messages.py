@@ -196,7 +196,7 @@ class Chunk(Message):
     TYPE: ClassVar[int] = 33
     id: bytes
     codec: Codec
-    data: bytes
+    data: bytes | bytearray | memoryview
 
     def __repr__(self) -> str:
         # Chunks are up to 256 KiB: print their size, not their bytes. Never raise here,

@@ -42,7 +42,7 @@ def test_a_new_blob_asks_for_every_distinct_chunk_once() -> None:
     store = MemoryStore()
     block = os.urandom(300_000)
     data = block + os.urandom(200_000) + block  # the repeat is not asked for again
-    views, ids, _ = recipe_of(data)
+    _views, ids, _ = recipe_of(data)
     asked = push(store, data, "x")
     assert asked == len(set(ids)) < len(ids)
     assert read_blob(store, store.resolve("x")) == data
@@ -88,7 +88,8 @@ def test_a_lying_digest_commits_nothing_but_keeps_the_chunks() -> None:
     with pytest.raises(IngestError, match="assembled blob is") as info:
         ingest.finish(len(data), format_digest(b"\x00" * 32))
     assert info.value.digest_mismatch
-    assert store.stats().blobs == 0 and store.list_names() == []
+    assert store.stats().blobs == 0
+    assert store.list_names() == []
     assert all(store.has_chunks(ids))  # reusable by a retry
 
 

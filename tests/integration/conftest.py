@@ -9,6 +9,7 @@ import pytest
 
 from tests.integration.harness import Daemon
 
+
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:  # type: ignore[valid-type]
     started: list[Daemon] = []

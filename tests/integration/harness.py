@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +28,19 @@ class Daemon:
         logf = open(self.log, "ab")  # noqa: SIM115 - the daemon owns it until it exits
         offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
-            [str(BIN / "casd"), "serve", "--data", str(self.data), "--listen", "127.0.0.1:0",
-             "--grace", "2", *self.args],
-            stdout=logf, stderr=logf,
+            [
+                str(BIN / "casd"),
+                "serve",
+                "--data",
+                str(self.data),
+                "--listen",
+                "127.0.0.1:0",
+                "--grace",
+                "2",
+                *self.args,
+            ],
+            stdout=logf,
+            stderr=logf,
         )
         logf.close()
         deadline = time.monotonic() + timeout
@@ -77,12 +86,19 @@ class Result:
         return self.out.decode()
 
 
-def casctl(daemon: Daemon | str, *args: str, input: bytes | None = None,
-           env: dict[str, str] | None = None, timeout: float = 300) -> Result:
+def casctl(
+    daemon: Daemon | str,
+    *args: str,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> Result:
     address = daemon if isinstance(daemon, str) else daemon.address
     p = subprocess.run(
         [str(BIN / "casctl"), "--server", address, *args],
-        input=input, capture_output=True, timeout=timeout,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
     return Result(p.returncode, p.stdout, p.stderr.decode(errors="replace"))
@@ -91,5 +107,3 @@ def casctl(daemon: Daemon | str, *args: str, input: bytes | None = None,
 def ok(r: Result) -> Result:
     assert r.code == 0, f"casctl failed ({r.code}): {r.err}"
     return r
-
-

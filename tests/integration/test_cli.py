@@ -137,14 +137,16 @@ def test_names_stat_ls_tag_rm(daemon: Daemon, tmp_path: Path) -> None:
     d = ok(casctl(daemon, "put", str(tmp_path / "a"), "--name", "app/v1")).text.strip()
     ok(casctl(daemon, "tag", "app/latest", "app/v1"))
     stat = ok(casctl(daemon, "stat", "app/latest", "--json")).json
-    assert stat["digest"] == d and stat["size"] == 5000
+    assert stat["digest"] == d
+    assert stat["size"] == 5000
     assert stat["names"] == ["app/latest", "app/v1"]
     ls = ok(casctl(daemon, "ls", "app/", "--json")).json
     assert ls == [{"name": "app/latest", "digest": d}, {"name": "app/v1", "digest": d}]
     ok(casctl(daemon, "rm", "app/v1"))
     assert [e["name"] for e in ok(casctl(daemon, "ls", "--json")).json] == ["app/latest"]
     stats = ok(casctl(daemon, "stats", "--json")).json
-    assert stats["store_blobs"] == 1 and stats["store_names"] == 1
+    assert stats["store_blobs"] == 1
+    assert stats["store_names"] == 1
 
 
 def test_errors_are_one_actionable_line(daemon: Daemon, tmp_path: Path) -> None:
@@ -154,7 +156,8 @@ def test_errors_are_one_actionable_line(daemon: Daemon, tmp_path: Path) -> None:
     assert "Traceback" not in r.err
 
     r = casctl(daemon, "tag", "bad\tname", "missing")
-    assert r.code == 1 and "Traceback" not in r.err
+    assert r.code == 1
+    assert "Traceback" not in r.err
 
     r = casctl("127.0.0.1:1", "ls")
     assert r.code == 1
@@ -162,15 +165,18 @@ def test_errors_are_one_actionable_line(daemon: Daemon, tmp_path: Path) -> None:
     assert "hint:" in r.err
 
     r = casctl(daemon, "put", str(tmp_path / "does-not-exist"))
-    assert r.code == 1 and "cannot read" in r.err
+    assert r.code == 1
+    assert "cannot read" in r.err
 
 
 def test_token_is_required_when_configured(make_daemon: callable, tmp_path: Path) -> None:  # type: ignore[valid-type]
     d = make_daemon("secure", "--token", "s3cret")
     r = casctl(d, "ls")
-    assert r.code == 1 and "UNAUTHORIZED" in r.err
+    assert r.code == 1
+    assert "UNAUTHORIZED" in r.err
     r = casctl(d, "ls", "--token", "wrong")
-    assert r.code == 1 and "token refused" in r.err
+    assert r.code == 1
+    assert "token refused" in r.err
     ok(casctl(d, "ls", "--token", "s3cret"))
     ok(casctl(d, "ls", env={"CASD_TOKEN": "s3cret"}))
 
@@ -178,7 +184,9 @@ def test_token_is_required_when_configured(make_daemon: callable, tmp_path: Path
 def test_non_loopback_listen_needs_a_token(tmp_path: Path) -> None:
     p = subprocess.run(
         [str(BIN / "casd"), "serve", "--data", str(tmp_path / "d"), "--listen", "0.0.0.0:0"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert p.returncode == 1
     assert "refusing to listen on non-loopback address 0.0.0.0 without a token" in p.stderr
@@ -201,7 +209,9 @@ def _wait_for(cond: callable, timeout: float = 30) -> None:  # type: ignore[vali
 def _start_stdin_put(daemon: Daemon, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [str(BIN / "casctl"), "--server", daemon.address, "put", "-", "--json", *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -233,7 +243,8 @@ def test_interrupted_put_rerun_resends_no_stored_chunk(daemon: Daemon, tmp_path:
 
 
 def test_kill_9_mid_push_keeps_earlier_blobs_and_hides_the_partial_one(
-    make_daemon: callable, tmp_path: Path  # type: ignore[valid-type]
+    make_daemon: callable,
+    tmp_path: Path,  # type: ignore[valid-type]
 ) -> None:
     d: Daemon = make_daemon("crash")
     early = real_data(8_000_000)

@@ -89,7 +89,7 @@ def test_open_without_create_requires_a_store(tmp_path: Path) -> None:
 def test_unindexed_bytes_from_a_crash_are_ignored(tmp_path: Path) -> None:
     # A crash between the pack append and the index commit leaves a tail nobody indexes.
     with DiskStore(tmp_path / "s") as store:
-        kept = store_blob(store, os.urandom(100_000), name="kept")
+        store_blob(store, os.urandom(100_000), name="kept")
     (pack,) = (tmp_path / "s" / "packs").iterdir()
     with open(pack, "ab") as f:
         f.write(b"half a record from a dead process")
