@@ -15,7 +15,7 @@ import itertools
 import math
 import mmap
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -318,6 +318,82 @@ class Client:
         finally:
             self._close(rid)
 
+    async def fetch_chunks(
+        self,
+        need: list[tuple[bytes, int]],
+        sink: Callable[[list[VerifiedChunk]], Awaitable[None]],
+    ) -> int:
+        """Fetch chunks by (id, size), verified, handing them to ``sink`` in order.
+
+        Chunks are asked for in WANT batches of at most PULL_BATCH_BYTES, with at most
+        PULL_WINDOW_BATCHES unanswered: throughput does not depend on the round-trip time.
+        Each batch is decoded and checked against its ids on two threads while ``sink``
+        takes the previous one. Returns the payload bytes that crossed the wire.
+
+        Raises:
+            PeerRefused: the server lacks a chunk or failed.
+            ChunkCorrupt: the server sent bytes that are not the chunk asked for.
+        """
+        sizes = dict(need)
+        batches: list[tuple[bytes, ...]] = []
+        cur: list[bytes] = []
+        cur_bytes = 0
+        for cid, size in need:
+            if cur and (cur_bytes + size > PULL_BATCH_BYTES or len(cur) >= casproto.MAX_BATCH):
+                batches.append(tuple(cur))
+                cur, cur_bytes = [], 0
+            cur.append(cid)
+            cur_bytes += size
+        if cur:
+            batches.append(tuple(cur))
+        fetched_bytes = 0
+        opened_send, opened_recv = trio.open_memory_channel[
+            tuple[int, trio.MemoryReceiveChannel[casproto.Message], tuple[bytes, ...]]
+        ](PULL_WINDOW_BATCHES)
+        verified_send, verified_recv = trio.open_memory_channel[list[VerifiedChunk]](1)
+
+        async def ask() -> None:
+            async with opened_send:
+                for ids in batches:
+                    rid, recv = self._open()
+                    await self.peer.send(casproto.Want(rid, ids))
+                    await opened_send.send((rid, recv, ids))
+
+        async def receive() -> None:
+            nonlocal fetched_bytes
+            async with opened_recv, verified_send:
+                async for rid, recv, ids in opened_recv:
+                    try:
+                        frames = [await self._reply(recv) for _ in ids]
+                    finally:
+                        self._close(rid)
+                    fetched_bytes += sum(len(f.data) for f in frames)
+                    half = len(frames) // 2
+                    parts: list[list[VerifiedChunk]] = [[], []]
+
+                    async def check(
+                        k: int,
+                        part: list[casproto.Chunk],
+                        parts: list[list[VerifiedChunk]] = parts,
+                    ) -> None:
+                        parts[k] = await trio.to_thread.run_sync(verify_chunks, part, sizes)
+
+                    async with open_nursery() as checkers:
+                        checkers.start_soon(check, 0, frames[:half])
+                        checkers.start_soon(check, 1, frames[half:])
+                    await verified_send.send(parts[0] + parts[1])
+
+        async def deliver() -> None:
+            async with verified_recv:
+                async for chunks in verified_recv:
+                    await sink(chunks)
+
+        async with open_nursery() as nursery:
+            nursery.start_soon(ask)
+            nursery.start_soon(receive)
+            nursery.start_soon(deliver)
+        return fetched_bytes
+
     async def pull(
         self,
         ref: str,
@@ -346,70 +422,13 @@ class Client:
                 )
             await trio.to_thread.run_sync(assembler.index_seeds, seeds, self.chunker_params)
         need = assembler.needed()
-        batches: list[tuple[bytes, ...]] = []
-        cur: list[bytes] = []
-        cur_bytes = 0
-        for cid, size in need:
-            if cur and (cur_bytes + size > PULL_BATCH_BYTES or len(cur) >= casproto.MAX_BATCH):
-                batches.append(tuple(cur))
-                cur, cur_bytes = [], 0
-            cur.append(cid)
-            cur_bytes += size
-        if cur:
-            batches.append(tuple(cur))
-        fetched_bytes = 0
-        opened_send, opened_recv = trio.open_memory_channel[
-            tuple[int, trio.MemoryReceiveChannel[casproto.Message], tuple[bytes, ...]]
-        ](PULL_WINDOW_BATCHES)
 
-        async def ask() -> None:
-            async with opened_send:
-                for ids in batches:
-                    rid, recv = self._open()
-                    await self.peer.send(casproto.Want(rid, ids))
-                    await opened_send.send((rid, recv, ids))
+        async def write(chunks: list[VerifiedChunk]) -> None:
+            written = await trio.to_thread.run_sync(assembler.feed, chunks)
+            if progress is not None:
+                progress(written)
 
-        verified_send, verified_recv = trio.open_memory_channel[
-            list[tuple[bytes, bytes | memoryview]]
-        ](1)
-
-        async def receive() -> None:
-            # Decode and verify each batch on two threads (zstd and BLAKE3 release the
-            # GIL) while the writer task writes the previous one.
-            nonlocal fetched_bytes
-            async with opened_recv, verified_send:
-                async for rid, recv, ids in opened_recv:
-                    try:
-                        frames = [await self._reply(recv) for _ in ids]
-                    finally:
-                        self._close(rid)
-                    fetched_bytes += sum(len(f.data) for f in frames)
-                    half = len(frames) // 2
-                    parts: list[list[tuple[bytes, bytes | memoryview]]] = [[], []]
-
-                    async def check(
-                        k: int,
-                        part: list[casproto.Chunk],
-                        parts: list[list[tuple[bytes, bytes | memoryview]]] = parts,
-                    ) -> None:
-                        parts[k] = await trio.to_thread.run_sync(assembler.verify, part)
-
-                    async with open_nursery() as checkers:
-                        checkers.start_soon(check, 0, frames[:half])
-                        checkers.start_soon(check, 1, frames[half:])
-                    await verified_send.send(parts[0] + parts[1])
-
-        async def write() -> None:
-            async with verified_recv:
-                async for chunks in verified_recv:
-                    written = await trio.to_thread.run_sync(assembler.feed, chunks)
-                    if progress is not None:
-                        progress(written)
-
-        async with open_nursery() as nursery:
-            nursery.start_soon(ask)
-            nursery.start_soon(receive)
-            nursery.start_soon(write)
+        fetched_bytes = await self.fetch_chunks(need, write)
         written = await trio.to_thread.run_sync(assembler.finish)
         if progress is not None:
             progress(written)
@@ -422,6 +441,43 @@ class Client:
             wire_bytes=self.peer.wire_bytes - wire_before,
             chunks_from_seeds=assembler.from_seeds,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedChunk:
+    """A fetched chunk whose bytes hash to its id: ``data`` decoded, ``frame`` as sent."""
+
+    id: bytes
+    data: bytes
+    codec: casproto.Codec
+    payload: bytes  # as it crossed the wire (zstd when codec is ZSTD)
+
+
+def verify_chunks(
+    frames: list[casproto.Chunk], sizes: dict[bytes, int]
+) -> list[VerifiedChunk]:
+    """Decode fetched chunks and check each against its id. Thread-safe, GIL mostly free.
+
+    Raises:
+        ChunkCorrupt: a chunk was not asked for, does not decode, or does not hash to its id.
+    """
+    out: list[VerifiedChunk] = []
+    for f in frames:
+        size = sizes.get(f.id)
+        if size is None:
+            raise ChunkCorrupt(f.id, "the server sent a chunk that was not asked for")
+        payload = bytes(f.data)  # received data is bytes already: no copy
+        if f.codec == casproto.Codec.ZSTD:
+            try:
+                data = zstd.decompress_bounded(payload, size)
+            except ValueError as exc:
+                raise ChunkCorrupt(f.id, f"sent zstd data is invalid: {exc}") from exc
+        else:
+            data = payload
+        if len(data) != size or chunk_id(data) != f.id:
+            raise ChunkCorrupt(f.id, "the server sent bytes that do not hash to the chunk id")
+        out.append(VerifiedChunk(f.id, data, casproto.Codec(f.codec), payload))
+    return out
 
 
 @dataclass(slots=True)
@@ -508,33 +564,10 @@ class _Assembler:
                 out.append((cid, size))
         return out
 
-    def verify(self, frames: list[casproto.Chunk]) -> list[tuple[bytes, bytes | memoryview]]:
-        """Decode fetched chunks and check each against its id. Thread-safe.
-
-        Raises:
-            ChunkCorrupt: a chunk is not in the recipe, does not decode, or does not hash
-                to its id.
-        """
-        out: list[tuple[bytes, bytes | memoryview]] = []
-        for f in frames:
-            size = self._sizes.get(f.id)
-            if size is None:
-                raise ChunkCorrupt(f.id, "the server sent a chunk that is not in the recipe")
-            if f.codec == casproto.Codec.ZSTD:
-                try:
-                    data: bytes | memoryview = zstd.decompress_bounded(f.data, size)
-                except ValueError as exc:
-                    raise ChunkCorrupt(f.id, f"sent zstd data is invalid: {exc}") from exc
-            else:
-                data = bytes(f.data)  # received data is bytes already: no copy
-            if len(data) != size or chunk_id(data) != f.id:
-                raise ChunkCorrupt(f.id, "the server sent bytes that do not hash to the chunk id")
-            out.append((f.id, data))
-        return out
-
-    def feed(self, chunks: list[tuple[bytes, bytes | memoryview]]) -> int:
+    def feed(self, chunks: list[VerifiedChunk]) -> int:
         """Take verified chunks and write everything that can now be written."""
-        self._ready.update(chunks)
+        for c in chunks:
+            self._ready[c.id] = c.data
         return self._write_available()
 
     def _write_available(self) -> int:

@@ -40,6 +40,9 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    Sync,
+    SyncProgress,
+    SyncDone,
     Welcome,
 )
 from ._names import is_valid_digest, is_valid_name
@@ -88,6 +91,9 @@ __all__ = [
     "Tag",
     "Untag",
     "Want",
+    "Sync",
+    "SyncProgress",
+    "SyncDone",
     "Welcome",
     "decode_body",
     "encode_message",

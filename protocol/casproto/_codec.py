@@ -45,6 +45,9 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    Sync,
+    SyncProgress,
+    SyncDone,
     Welcome,
 )
 
@@ -241,6 +244,16 @@ def _stats(value: object) -> object:
     return stats
 
 
+def _items(value: object) -> object:
+    items = []
+    for entry in _array(value):
+        triple = _array(entry)
+        if len(triple) != 3 or not all(type(t) is str for t in triple):
+            raise _FieldError("expected an array of [name, digest, action] string triples")
+        items.append((triple[0], triple[1], triple[2]))
+    return tuple(items)
+
+
 # --- the layout table -----------------------------------------------------------------
 # One row per message: its fields after rid, in wire order (which is also dataclass order;
 # test_codec checks that against dataclasses.fields()).
@@ -295,6 +308,15 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
         ("last", _flag),
     ),
     Want: (("ids", _chunk_ids_nonempty),),
+    Sync: (
+        ("source", _text),
+        ("token", _text_or_nil),
+        ("names", _text_array),
+        ("all", _flag),
+        ("dry_run", _flag),
+    ),
+    SyncProgress: (("progress", _stats),),
+    SyncDone: (("report", _stats), ("items", _items)),
 }
 
 

@@ -268,6 +268,38 @@ class Want(Message):
     ids: tuple[bytes, ...]
 
 
+# --- sync (SPEC §4.2) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sync(Message):
+    """C→S: replicate blobs from another server into this one. Answered by SYNC_DONE."""
+
+    TYPE: ClassVar[int] = 50
+    source: str
+    token: str | None
+    names: tuple[str, ...]
+    all: bool
+    dry_run: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SyncProgress(Message):
+    """S→C: counters of a running SYNC. Not terminal."""
+
+    TYPE: ClassVar[int] = 51
+    progress: dict[str, int | float | str]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDone(Message):
+    """S→C answer to SYNC: totals, and per name (name, digest, action). Terminal."""
+
+    TYPE: ClassVar[int] = 52
+    report: dict[str, int | float | str]
+    items: tuple[tuple[str, str, str], ...]
+
+
 #: Every concrete message class, in type-code order.
 MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Hello,
@@ -294,4 +326,7 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Pull,
     Recipe,
     Want,
+    Sync,
+    SyncProgress,
+    SyncDone,
 )

@@ -47,6 +47,9 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    Sync,
+    SyncProgress,
+    SyncDone,
     Welcome,
 )
 
@@ -99,6 +102,7 @@ _FOLLOW_UPS: Final[
     Pull: (frozenset(), frozenset({Recipe})),
     Want: (frozenset(), frozenset({Chunk})),
     PushBegin: (frozenset({PushRecipe, Chunk, PushEnd}), frozenset({PushWant, PushDone})),
+    Sync: (frozenset(), frozenset({SyncProgress, SyncDone})),
 }
 
 
@@ -170,6 +174,20 @@ class _WantRequest(_Request):
         return self.sent == len(self.ids)
 
 
+class _SyncRequest(_Request):
+    """SYNC: any number of SYNC_PROGRESS, then SYNC_DONE."""
+
+    __slots__ = ()
+
+    def __init__(self, opener: Sync) -> None:
+        super().__init__(opener)
+        if opener.all and opener.names:
+            raise LocalProtocolError("SYNC with all=true must name no blobs", ErrorCode.INVALID)
+
+    def from_server(self, message: Message) -> bool:
+        return isinstance(message, SyncDone)
+
+
 class _PushRequest(_Request):
     """PUSH (SPEC §5): recipes out, one PUSH_WANT back per recipe, wanted CHUNKs, PUSH_END."""
 
@@ -236,6 +254,7 @@ _STARTS: Final[dict[type[Message], type[_Request]]] = {
     Pull: _PullRequest,
     Want: _WantRequest,
     PushBegin: _PushRequest,
+    Sync: _SyncRequest,
 }
 assert _STARTS.keys() == _FOLLOW_UPS.keys()
 

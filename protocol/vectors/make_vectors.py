@@ -50,6 +50,9 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    Sync,
+    SyncProgress,
+    SyncDone,
     Welcome,
     encode_message,
     pack_bitmap,
@@ -103,6 +106,11 @@ VECTORS: dict[str, Message] = {
     "recipe_part": Recipe(70000, DIGEST, len(BLOB), (ID_ONE, ID_TWO), (len(ONE), len(TWO)), False),
     "recipe_last": Recipe(70000, DIGEST, len(BLOB), (ID_ONE,), (len(ONE),), True),
     "want": Want(70001, (ID_ONE, ID_TWO)),
+    "sync": Sync(80, "198.18.0.1:7420", None, ("release",), False, False),
+    "sync_progress": SyncProgress(80, {"bytes_done": 1024, "bytes_total": 4096}),
+    "sync_done": SyncDone(
+        80, {"blobs": 1, "blobs_copied": 1, "seconds": 0.5}, (("release", DIGEST, "copied"),)
+    ),
 }
 
 

@@ -44,6 +44,9 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    Sync,
+    SyncProgress,
+    SyncDone,
     Welcome,
 )
 from hypothesis import strategies as st
@@ -183,6 +186,14 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
         st.booleans(),
     ),
     Want: st.builds(Want, rids, id_batches(min_size=1)),
+    Sync: st.builds(Sync, rids, texts, st.none() | texts, text_tuples, st.booleans(), st.booleans()),
+    SyncProgress: st.builds(SyncProgress, rids, st.dictionaries(texts, stat_values, max_size=6)),
+    SyncDone: st.builds(
+        SyncDone,
+        rids,
+        st.dictionaries(texts, stat_values, max_size=6),
+        st.lists(st.tuples(texts, texts, texts), max_size=4).map(tuple),
+    ),
 }
 assert MESSAGES.keys() == set(casproto.MESSAGE_CLASSES)
 

@@ -45,6 +45,9 @@ from casproto import (
     StatsResult,
     Tag,
     Untag,
+    Sync,
+    SyncDone,
+    SyncProgress,
     Want,
     Welcome,
     encode_message,
@@ -795,3 +798,17 @@ def test_chunk_throughput(direction: str) -> None:
                 assert type(server.next_event()) is Chunk
         pair.exchange(client, PushEnd(1, count * len(data), BLOB_DIGEST))
     assert time.perf_counter() - started < 3.0
+
+
+def test_sync_reports_progress_then_ends_with_sync_done(pair: ConnectionPair) -> None:
+    pair.exchange(pair.client, Sync(9, "198.18.0.1:7420", None, ("release",), False, False))
+    pair.exchange(pair.server, SyncProgress(9, {"bytes_done": 1}), SyncProgress(9, {}))
+    assert set(pair.client.open_requests) == {9}
+    pair.exchange(pair.server, SyncDone(9, {"blobs": 1}, (("release", BLOB_DIGEST, "copied"),)))
+    assert not pair.client.open_requests
+    assert not pair.server.open_requests
+
+
+def test_sync_of_all_names_no_blob(pair: ConnectionPair) -> None:
+    with pytest.raises(LocalProtocolError, match="all=true"):
+        pair.client.send(Sync(9, "198.18.0.1:7420", None, ("x",), True, False))

@@ -35,6 +35,9 @@ from casproto import (
     StatsResult,
     Tag,
     Untag,
+    Sync,
+    SyncDone,
+    SyncProgress,
     Want,
     Welcome,
 )
@@ -45,8 +48,9 @@ from hypothesis import strategies as st
 
 # The direction column of SPEC §3 and §4.
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
-CLIENT_SENDS |= {Cancel, Pull, Want}
+CLIENT_SENDS |= {Cancel, Pull, Want, Sync}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
+SERVER_SENDS |= {SyncProgress, SyncDone}
 BOTH_SEND = {Chunk, Error}
 
 
@@ -74,7 +78,7 @@ def test_every_message_has_a_place_in_the_tables() -> None:
 
 
 def test_every_request_has_a_terminal_answer() -> None:
-    terminal_capable = {Have, BlobInfo, Names, Ok, StatsResult, Recipe, Chunk, PushDone}
+    terminal_capable = {Have, BlobInfo, Names, Ok, StatsResult, Recipe, Chunk, PushDone, SyncDone}
     for opener, (_, server_then) in _FOLLOW_UPS.items():
         assert server_then & terminal_capable, opener.__name__
 
