@@ -240,6 +240,75 @@ async def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_sync(args: argparse.Namespace) -> int:
+    if args.all and args.names:
+        raise UserError("give NAMEs or --all, not both")
+    if not args.all and not args.names:
+        raise UserError("nothing to sync: give NAMEs, or --all for every name SRC has")
+    src_token = args.src_token or args.token
+    dst_token = args.dst_token or args.token
+    start = time.perf_counter()
+    with _ProgressBar("sync", None, not args.quiet and not args.json) as bar:
+        last = {"bytes_done": 0}
+
+        def on_progress(p: dict[str, int | float | str]) -> None:
+            done = int(p.get("bytes_done", 0))
+            bar.advance(max(0, done - last["bytes_done"]))
+            last["bytes_done"] = done
+
+        if args.via_client:
+            from casd.replicate import relay_sync, resolve_names
+
+            async with (
+                open_client(args.src, token=src_token) as src,
+                open_client(args.dst, token=dst_token) as dst,
+            ):
+                pairs = await resolve_names(src, args.names, args.all)
+                rep = await relay_sync(src, dst, pairs, dry_run=args.dry_run)
+                rep.wire_bytes = src.peer.wire_bytes + dst.peer.wire_bytes
+                report, items = rep.as_dict(), rep.items
+        else:
+            async with open_client(args.dst, token=dst_token) as dst:
+                done = await dst.sync_from(
+                    args.src,
+                    token=src_token,
+                    names=args.names,
+                    all_names=args.all,
+                    dry_run=args.dry_run,
+                    on_progress=on_progress,
+                )
+                report, items = done.report, list(done.items)
+    seconds = time.perf_counter() - start
+    report = {
+        **report,
+        "seconds": round(seconds, 4),
+        "mode": "relay" if args.via_client else "direct",
+    }
+    if args.json:
+        print(
+            json.dumps(
+                {**report, "items": [{"name": n, "digest": d, "action": a} for n, d, a in items]}
+            )
+        )
+        return 0
+    for name, digest, action in items:
+        print(f"{action:<10} {digest}  {name}")
+    sys.stdout.flush()  # items before the summary, also when both go to one terminal
+    if not args.quiet:
+        moved = int(report["bytes_raw_fetched"])
+        wire = int(report["wire_bytes"])
+        verb = "would move" if args.dry_run else "moved"
+        print(
+            f"sync {args.src} -> {args.dst}: {report['blobs']} blobs "
+            f"({report['blobs_copied']} copied, {report['blobs_present']} present, "
+            f"{report['blobs_unchanged']} unchanged); {verb} {report['chunks_fetched']} chunks, "
+            f"{human(moved)}, {report['chunks_reused']} chunks reused; "
+            f"{human(wire)} on the wire in {seconds:.2f}s ({human(wire / max(seconds, 1e-9))}/s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 COMMANDS = {
     "put": cmd_put,
     "get": cmd_get,
@@ -344,12 +413,50 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm", parents=[common], help="remove names")
     s.add_argument("names", nargs="+", metavar="NAME")
 
+    s = sub.add_parser(
+        "sync",
+        parents=[common],
+        help="replicate names and their blobs from SRC to DST",
+        description="Replicate blobs between two casd servers: DST ends with the same names "
+        "pointing at the same digests, every chunk verified on arrival. Only chunks DST lacks "
+        "move. By default DST pulls from SRC directly (the data does not pass through this "
+        "machine); --via-client relays through casctl for when DST cannot reach SRC. "
+        "Interrupted syncs resume: a re-run moves only what is still missing.",
+    )
+    s.add_argument("src", metavar="SRC", help="source server, HOST:PORT")
+    s.add_argument("dst", metavar="DST", help="destination server, HOST:PORT")
+    s.add_argument("names", nargs="*", metavar="NAME", help="names (or digests) to replicate")
+    s.add_argument("--all", action="store_true", help="every name SRC has")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would move (blobs, chunks, bytes); change nothing",
+    )
+    s.add_argument(
+        "--via-client",
+        action="store_true",
+        help="relay the data through casctl instead of DST pulling from SRC",
+    )
+    s.add_argument(
+        "--src-token",
+        default=os.environ.get("CASD_SRC_TOKEN"),
+        help="token for SRC (default: $CASD_SRC_TOKEN, else --token)",
+    )
+    s.add_argument(
+        "--dst-token",
+        default=os.environ.get("CASD_DST_TOKEN"),
+        help="token for DST (default: $CASD_DST_TOKEN, else --token)",
+    )
+    s.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+
     s = sub.add_parser("stats", parents=[common], help="show server and store counters")
     s.add_argument("--json", action="store_true")
     return p
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.command == "sync":
+        return await cmd_sync(args)
     compress = not getattr(args, "no_compress", False)
     async with open_client(args.server, token=args.token, compress=compress) as client:
         return await COMMANDS[args.command](client, args)

@@ -115,5 +115,17 @@ class PeerRefused(PeerError):
         self.remote_message = message
 
 
+class UpstreamError(PeerError):
+    """A server we contacted on a client's behalf (a sync source) failed.
+
+    ``code`` is the protocol error code to pass on: the upstream's own code when it
+    refused, UNREACHABLE (16) when it could not be reached or broke off.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class UserError(CasdError):
     """A mistake in how casctl was invoked; printed as one line, exit status 1."""

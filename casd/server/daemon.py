@@ -21,6 +21,7 @@ from functools import partial
 import trio
 
 from casd import __version__
+from casd.chunking import ChunkerParams
 from casd.errors import CasdError, ConfigError
 from casd.nursery import open_nursery
 from casd.server.service import ServerContext, handle_stream
@@ -48,6 +49,8 @@ class ServeConfig:
     insecure: bool = False
     level: int = 3
     grace: float = 10.0
+    # None: an existing store keeps its own; a new one gets the defaults.
+    chunker: ChunkerParams | None = None
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -67,6 +70,21 @@ def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, in
     if not (0 <= port <= 65535) or not host:
         raise ConfigError(f"bad address {text!r}: expected HOST:PORT")
     return host, port
+
+
+def parse_chunker(text: str) -> ChunkerParams:
+    """``MIN:AVG:MAX`` in bytes.
+
+    Raises:
+        ConfigError: not three sizes, or sizes FastCDC cannot use.
+    """
+    try:
+        lo, avg, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"bad --chunker {text!r}: expected MIN:AVG:MAX in bytes") from None
+    params = ChunkerParams(min=lo, avg=avg, max=hi)
+    params.validate()
+    return params
 
 
 def is_loopback(host: str) -> bool:
@@ -106,7 +124,9 @@ async def serve(
             f"refusing to listen on non-loopback address {config.host} without a token: "
             "pass --token/--token-file (or CASD_TOKEN), or --insecure to allow anyone"
         )
-    store = await trio.to_thread.run_sync(partial(DiskStore, config.data, level=config.level))
+    store = await trio.to_thread.run_sync(
+        partial(DiskStore, config.data, level=config.level, params=config.chunker)
+    )
     try:
         ctx = ServerContext(store=store, tokens=config.tokens)
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
@@ -205,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="zstd level for chunks at rest, 0 to store raw (default: %(default)s)",
     )
     s.add_argument(
+        "--chunker",
+        metavar="MIN:AVG:MAX",
+        help="chunk sizes in bytes for a NEW store (default 16384:65536:262144); an existing "
+        "store keeps the sizes it was created with, and refuses others. Stores with "
+        "different sizes still sync; they only dedup less between each other",
+    )
+    s.add_argument(
         "--grace",
         type=float,
         default=10.0,
@@ -224,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         host, port = parse_hostport(args.listen)
+        chunker = parse_chunker(args.chunker) if args.chunker else None
         config = ServeConfig(
             data=os.path.abspath(args.data),
             host=host,
@@ -232,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             insecure=args.insecure,
             level=args.compress_level,
             grace=args.grace,
+            chunker=chunker,
         )
         trio.run(serve, config)
     except CasdError as exc:

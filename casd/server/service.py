@@ -22,18 +22,24 @@ from casproto import ErrorCode
 
 from casd import __version__
 from casd import ingest as ingest_mod
+from casd.client import open_client
 from casd.errors import (
     BlobMissing,
     CasdError,
     ChunkCorrupt,
     ChunkMissing,
+    ConfigError,
     InvalidRef,
     NoSpace,
+    PeerError,
     PeerGone,
+    PeerRefused,
+    UpstreamError,
 )
 from casd.ingest import BlobIngest, IngestError, StoreBatch
 from casd.nursery import open_nursery
 from casd.peer import PeerConnection
+from casd.replicate import resolve_names, sync_into_store
 from casd.storage.interface import Store
 
 log = logging.getLogger("casd.server")
@@ -90,6 +96,8 @@ class ServerContext:
 
 def error_code_for(exc: BaseException) -> ErrorCode:
     """The protocol error code that tells a client what went wrong with its request."""
+    if isinstance(exc, UpstreamError):
+        return ErrorCode(exc.code)
     if isinstance(exc, (BlobMissing, ChunkMissing)):
         return ErrorCode.NOT_FOUND
     if isinstance(exc, InvalidRef):
@@ -187,6 +195,7 @@ class Session:
             casproto.Stats: self._stats,
             casproto.Pull: self._pull,
             casproto.Want: self._want,
+            casproto.Sync: self._sync,
         }
         while True:
             ev = await self.peer.next_event()
@@ -351,6 +360,30 @@ class Session:
                 async for frames in recv:
                     await self.peer.send_many(frames)
                     self.ctx.stats.chunks_sent += len(frames)
+
+    # --- sync: pull from another server ----------------------------------------------
+
+    async def _sync(self, ev: casproto.Sync) -> None:
+        async def send_progress(progress: dict[str, int | float | str]) -> None:
+            await self.peer.send(casproto.SyncProgress(ev.rid, progress))
+
+        source = ev.source
+        try:
+            async with open_client(source, token=ev.token) as src:
+                pairs = await resolve_names(src, list(ev.names), ev.all)
+                report = await sync_into_store(
+                    src, self.ctx.store, self.ctx.run, pairs,
+                    dry_run=ev.dry_run, on_progress=send_progress,
+                )
+                report.wire_bytes = src.peer.wire_bytes  # the whole conversation, handshake on
+        except PeerRefused as exc:
+            raise UpstreamError(f"source {source} refused: {exc.remote_message}", exc.code) from exc
+        except (PeerError, ConfigError) as exc:  # PeerGone included: the source broke off
+            raise UpstreamError(
+                f"source {source}: {exc}", int(ErrorCode.UNREACHABLE)
+            ) from exc
+        log.info("%s: sync from %s: %s", self.peer.ident, source, report.as_dict())
+        await self.peer.send(casproto.SyncDone(ev.rid, report.as_dict(), tuple(report.items)))
 
     # --- push ------------------------------------------------------------------------
 

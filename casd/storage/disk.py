@@ -72,7 +72,8 @@ class DiskStore:
     Args:
         path: the data directory; created if ``create`` and absent.
         params: chunker parameters to record in a new store, and to require of an
-            existing one. ``None`` adopts whatever an existing store has.
+            existing one. ``None`` adopts whatever an existing store has (and gives a new
+            store the defaults).
         level: zstd level for chunks at rest (0 keeps them raw).
 
     Raises:

@@ -23,6 +23,7 @@ class ErrorCode(IntEnum):
     CANCELLED = 13
     BUSY = 14
     SHUTTING_DOWN = 15
+    UNREACHABLE = 16
 
 
 class ProtocolError(Exception):

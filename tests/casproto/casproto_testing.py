@@ -41,12 +41,12 @@ from casproto import (
     Stat,
     Stats,
     StatsResult,
+    Sync,
+    SyncDone,
+    SyncProgress,
     Tag,
     Untag,
     Want,
-    Sync,
-    SyncProgress,
-    SyncDone,
     Welcome,
 )
 from hypothesis import strategies as st
@@ -186,7 +186,9 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
         st.booleans(),
     ),
     Want: st.builds(Want, rids, id_batches(min_size=1)),
-    Sync: st.builds(Sync, rids, texts, st.none() | texts, text_tuples, st.booleans(), st.booleans()),
+    Sync: st.builds(
+        Sync, rids, texts, st.none() | texts, text_tuples, st.booleans(), st.booleans()
+    ),
     SyncProgress: st.builds(SyncProgress, rids, st.dictionaries(texts, stat_values, max_size=6)),
     SyncDone: st.builds(
         SyncDone,

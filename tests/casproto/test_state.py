@@ -33,11 +33,11 @@ from casproto import (
     Stat,
     Stats,
     StatsResult,
-    Tag,
-    Untag,
     Sync,
     SyncDone,
     SyncProgress,
+    Tag,
+    Untag,
     Want,
     Welcome,
 )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,3 +109,90 @@ def casctl(
 def ok(r: Result) -> Result:
     assert r.code == 0, f"casctl failed ({r.code}): {r.err}"
     return r
+
+
+def real_data(n: int) -> bytes:
+    """n bytes of real files (this Python's standard library), in a stable order."""
+    out = bytearray()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            out += path.read_bytes()
+            if len(out) >= n:
+                break
+    assert len(out) >= n, "not enough real data on this machine"
+    return bytes(out[:n])
+
+
+def put_many(daemon: Daemon, blobs: dict[str, bytes]) -> None:
+    """Store many named blobs over one connection (setup for tests, not what is tested)."""
+    import trio
+
+    from casd.chunking import DEFAULT_PARAMS, Chunker
+    from casd.client import open_client
+
+    async def run() -> None:
+        async with open_client(daemon.address) as client:
+            chunker = Chunker(client.chunker_params or DEFAULT_PARAMS)
+            for name, data in blobs.items():
+                await client.push(iter(list(chunker.cut(data))), name=name)
+
+    trio.run(run)
+
+
+class CutProxy:
+    """A TCP relay to ``target`` that breaks its first connection after ``limit`` bytes
+    from the target: a transfer killed midway, at the same point on every run."""
+
+    def __init__(self, target: str, limit: int) -> None:
+        import socket
+        import threading
+
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._limit = limit
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.cut = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        first = True
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self._target)
+            limit = self._limit if first else None
+            first = False
+            threading.Thread(target=self._pump, args=(down, up, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, limit), daemon=True).start()
+
+    def _pump(self, src: object, dst: object, limit: int | None) -> None:
+        import socket
+
+        assert isinstance(src, socket.socket)
+        assert isinstance(dst, socket.socket)
+        moved = 0
+        try:
+            while data := src.recv(65536):
+                if limit is not None and moved + len(data) > limit:
+                    dst.sendall(data[: limit - moved])
+                    self.cut.set()
+                    break
+                dst.sendall(data)
+                moved += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._listener.close()

@@ -6,28 +6,14 @@ import hashlib
 import os
 import signal
 import subprocess
-import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import BIN, Daemon, casctl, ok
+from tests.integration.harness import BIN, Daemon, casctl, ok, real_data
 
 MIN, MAX = 16 * 1024, 256 * 1024
-
-
-def real_data(n: int) -> bytes:
-    """n bytes of real files (this Python's standard library), in a stable order."""
-    out = bytearray()
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            out += path.read_bytes()
-            if len(out) >= n:
-                break
-    assert len(out) >= n, "not enough real data on this machine"
-    return bytes(out[:n])
 
 
 def digest_of(data: bytes) -> str:
