@@ -478,7 +478,7 @@ class Client:
                     finally:
                         self._close(rid)
                     if not frames:
-                        break
+                        continue
                     fetched_bytes += sum(len(f.data) for f in frames)
                     half = len(frames) // 2
                     parts: list[list[VerifiedChunk]] = [[], []]
@@ -493,9 +493,9 @@ class Client:
                     async with open_nursery() as checkers:
                         checkers.start_soon(check, 0, frames[:half])
                         checkers.start_soon(check, 1, frames[half:])
+                    # After a failure, every batch already asked for is still drained:
+                    # frames that arrived before the failure are kept whatever their batch.
                     await verified_send.send(parts[0] + parts[1])
-                    if failure is not None:
-                        break
 
         async def deliver() -> None:
             async with verified_recv:

@@ -111,6 +111,43 @@ def error_code_for(exc: BaseException) -> ErrorCode:
     return ErrorCode.INTERNAL
 
 
+class _Turnstile:
+    """Lets tasks that were started in some order take turns in that order.
+
+    WANT requests of one connection are served by concurrent tasks, so the next one's
+    disk reads overlap the current one's sending; but they send in the order they were
+    asked, so chunks arrive in the order the client needs them and a connection cut
+    midway leaves complete batches rather than fragments of many.
+    """
+
+    def __init__(self) -> None:
+        self._issued = 0
+        self._serving = 0
+        self._skipped: set[int] = set()
+        self._changed = trio.Condition()
+
+    def ticket(self) -> int:
+        self._issued += 1
+        return self._issued - 1
+
+    async def wait(self, ticket: int) -> None:
+        async with self._changed:
+            while self._serving != ticket:
+                await self._changed.wait()
+
+    async def done(self, ticket: int) -> None:
+        with trio.CancelScope(shield=True):  # a cancelled turn must still pass it on
+            async with self._changed:
+                if self._serving == ticket:
+                    self._serving += 1
+                else:  # finished before its turn came (failed early): skip it when it comes
+                    self._skipped.add(ticket)
+                while self._serving in self._skipped:
+                    self._skipped.discard(self._serving)
+                    self._serving += 1
+                self._changed.notify_all()
+
+
 class _Request:
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
@@ -125,6 +162,7 @@ class Session:
         self.peer = peer
         self.features: frozenset[str] = frozenset()
         self._requests: dict[int, _Request] = {}
+        self._wants = _Turnstile()
 
     async def run(self) -> None:
         try:
@@ -194,7 +232,6 @@ class Session:
             casproto.Untag: self._untag,
             casproto.Stats: self._stats,
             casproto.Pull: self._pull,
-            casproto.Want: self._want,
             casproto.Sync: self._sync,
         }
         while True:
@@ -207,7 +244,9 @@ class Session:
             if isinstance(ev, casproto.Error) and rid == 0:
                 log.info("%s: client error: %s", self.peer.ident, ev.message)
                 return
-            if kind in handlers:
+            if kind is casproto.Want:
+                self._start(nursery, rid, self._want, ev, self._wants.ticket())
+            elif kind in handlers:
                 self._start(nursery, rid, handlers[kind], ev)
             elif kind is casproto.PushBegin:
                 send, recv = trio.open_memory_channel[casproto.Message](PUSH_QUEUE_FRAMES)
@@ -330,7 +369,7 @@ class Session:
             )
         await self.peer.send_many(frames)
 
-    async def _want(self, ev: casproto.Want) -> None:
+    async def _want(self, ev: casproto.Want, ticket: int) -> None:
         zstd_ok = "zstd" in self.features
         store = self.ctx.store
 
@@ -354,12 +393,16 @@ class Session:
                 for i in range(0, len(ev.ids), SERVE_BATCH):
                     await send.send(await self.ctx.run(read, ev.ids[i : i + SERVE_BATCH]))
 
-        async with open_nursery() as nursery:
-            nursery.start_soon(produce)
-            async with recv:
-                async for frames in recv:
-                    await self.peer.send_many(frames)
-                    self.ctx.stats.chunks_sent += len(frames)
+        try:
+            async with open_nursery() as nursery:
+                nursery.start_soon(produce)
+                await self._wants.wait(ticket)  # reads start now; sending waits its turn
+                async with recv:
+                    async for frames in recv:
+                        await self.peer.send_many(frames)
+                        self.ctx.stats.chunks_sent += len(frames)
+        finally:
+            await self._wants.done(ticket)
 
     # --- sync: pull from another server ----------------------------------------------
 

@@ -42,12 +42,12 @@ from ._messages import (
     Stat,
     Stats,
     StatsResult,
+    Sync,
+    SyncDone,
+    SyncProgress,
     Tag,
     Untag,
     Want,
-    Sync,
-    SyncProgress,
-    SyncDone,
     Welcome,
 )
 

@@ -44,12 +44,12 @@ from ._messages import (
     Stat,
     Stats,
     StatsResult,
+    Sync,
+    SyncDone,
+    SyncProgress,
     Tag,
     Untag,
     Want,
-    Sync,
-    SyncProgress,
-    SyncDone,
     Welcome,
 )
 

@@ -25,6 +25,7 @@ def test_error_codes_follow_the_spec_table() -> None:
         ("CANCELLED", 13),
         ("BUSY", 14),
         ("SHUTTING_DOWN", 15),
+        ("UNREACHABLE", 16),
     ]
 
 
