@@ -25,18 +25,21 @@ class Daemon:
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     address: str = ""
+    listen: str = "127.0.0.1:0"
+    prefix: list[str] = field(default_factory=list)  # e.g. `ip netns exec NS`
 
     def start(self, timeout: float = 20.0) -> Daemon:
         logf = open(self.log, "ab")  # noqa: SIM115 - the daemon owns it until it exits
         offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 str(BIN / "casd"),
                 "serve",
                 "--data",
                 str(self.data),
                 "--listen",
-                "127.0.0.1:0",
+                self.listen,
                 "--grace",
                 "2",
                 *self.args,
@@ -94,10 +97,14 @@ def casctl(
     input: bytes | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 300,
+    prefix: list[str] | None = None,
 ) -> Result:
+    """Run casctl against ``daemon``; in the daemon's namespace unless ``prefix`` says."""
     address = daemon if isinstance(daemon, str) else daemon.address
+    if prefix is None:
+        prefix = [] if isinstance(daemon, str) else daemon.prefix
     p = subprocess.run(
-        [str(BIN / "casctl"), "--server", address, *args],
+        [*prefix, str(BIN / "casctl"), "--server", address, *args],
         input=input,
         capture_output=True,
         timeout=timeout,
