@@ -388,7 +388,8 @@ class Client:
                     nonlocal sent_chunks, sent_bytes, raw_bytes
                     frames = [
                         casproto.Chunk(rid, c.id, c.codec, c.payload)
-                        if c.codec == casproto.Codec.RAW or self.compress
+                        if c.codec == casproto.Codec.RAW
+                        or (c.codec == casproto.Codec.ZSTD and self.compress)
                         else casproto.Chunk(rid, c.id, casproto.Codec.RAW, c.data)
                         for c in chunks
                     ]
@@ -417,6 +418,9 @@ class Client:
         self,
         need: list[tuple[bytes, int]],
         sink: Callable[[list[VerifiedChunk]], Awaitable[None]],
+        *,
+        bases: dict[bytes, tuple[bytes, ...]] | None = None,
+        read_base: Callable[[tuple[bytes, ...]], bytes] | None = None,
     ) -> int:
         """Fetch chunks by (id, size), verified, handing them to ``sink`` in order.
 
@@ -425,11 +429,18 @@ class Client:
         Each batch is decoded and checked against its ids on two threads while ``sink``
         takes the previous one. Returns the payload bytes that crossed the wire.
 
+        With ``bases`` (chunk id -> ids of similar chunks we hold) and ``read_base`` (their
+        bytes, concatenated; runs in a worker thread), batches are asked for with
+        WANT_DELTA, so the server may send each chunk encoded against its bases.
+
         Raises:
             PeerRefused: the server lacks a chunk or failed.
             ChunkCorrupt: the server sent bytes that are not the chunk asked for.
         """
         sizes = dict(need)
+        use_delta = (
+            bool(bases) and read_base is not None and (casproto.PREFIX_FEATURE in self.features)
+        )
         batches: list[tuple[bytes, ...]] = []
         cur: list[bytes] = []
         cur_bytes = 0
@@ -458,7 +469,11 @@ class Client:
                 try:
                     for ids in batches:
                         rid, recv = self._open()
-                        await self.peer.send(casproto.Want(rid, ids))
+                        hints = tuple(bases.get(i, ()) for i in ids) if use_delta and bases else ()
+                        if any(hints):
+                            await self.peer.send(casproto.WantDelta(rid, ids, hints))
+                        else:
+                            await self.peer.send(casproto.Want(rid, ids))
                         await opened_send.send((rid, recv, ids))
                 except PeerError as exc:
                     failure = failure or exc
@@ -488,7 +503,9 @@ class Client:
                         part: list[casproto.Chunk],
                         parts: list[list[VerifiedChunk]] = parts,
                     ) -> None:
-                        parts[k] = await trio.to_thread.run_sync(verify_chunks, part, sizes)
+                        parts[k] = await trio.to_thread.run_sync(
+                            verify_chunks, part, sizes, bases, read_base
+                        )
 
                     async with open_nursery() as checkers:
                         checkers.start_soon(check, 0, frames[:half])
@@ -570,7 +587,10 @@ class VerifiedChunk:
 
 
 def verify_chunks(
-    frames: list[casproto.Chunk], sizes: dict[bytes, int]
+    frames: list[casproto.Chunk],
+    sizes: dict[bytes, int],
+    bases: dict[bytes, tuple[bytes, ...]] | None = None,
+    read_base: Callable[[tuple[bytes, ...]], bytes] | None = None,
 ) -> list[VerifiedChunk]:
     """Decode fetched chunks and check each against its id. Thread-safe, GIL mostly free.
 
@@ -588,6 +608,14 @@ def verify_chunks(
                 data = zstd.decompress_bounded(payload, size)
             except ValueError as exc:
                 raise ChunkCorrupt(f.id, f"sent zstd data is invalid: {exc}") from exc
+        elif f.codec == casproto.Codec.ZSTD_PREFIX:
+            hint = bases.get(f.id) if bases else None
+            if not hint or read_base is None:
+                raise ChunkCorrupt(f.id, "the server sent a delta that was not asked for")
+            try:
+                data = zstd.decompress_bounded(payload, size, prefix=read_base(hint))
+            except ValueError as exc:
+                raise ChunkCorrupt(f.id, f"sent delta does not decode: {exc}") from exc
         else:
             data = payload
         if len(data) != size or chunk_id(data) != f.id:
@@ -757,7 +785,13 @@ async def open_client_on_stream(
     peer = PeerConnection(stream, casproto.Role.CLIENT, address)
     try:
         await peer.send(
-            casproto.Hello(0, casproto.PROTOCOL_VERSION, ("zstd",), token, f"casctl/{__version__}")
+            casproto.Hello(
+                0,
+                casproto.PROTOCOL_VERSION,
+                ("zstd", casproto.PREFIX_FEATURE),
+                token,
+                f"casctl/{__version__}",
+            )
         )
         try:
             with trio.fail_after(CONNECT_TIMEOUT):

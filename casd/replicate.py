@@ -16,7 +16,6 @@ blob commits only after its sha256 checks out.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -56,6 +55,7 @@ class SyncReport:
     chunks: int = 0  # chunks of the blobs that had to be copied
     chunks_fetched: int = 0
     chunks_reused: int = 0
+    chunks_delta: int = 0  # fetched chunks that came encoded against an older version
     bytes_total: int = 0  # size of the blobs that had to be copied
     bytes_fetched: int = 0  # chunk payload that crossed (compressed where it was)
     bytes_raw_fetched: int = 0  # the same chunks, uncompressed
@@ -74,6 +74,7 @@ class SyncReport:
             "chunks": self.chunks,
             "chunks_fetched": self.chunks_fetched,
             "chunks_reused": self.chunks_reused,
+            "chunks_delta": self.chunks_delta,
             "bytes_total": self.bytes_total,
             "bytes_fetched": self.bytes_fetched,
             "bytes_raw_fetched": self.bytes_raw_fetched,
@@ -110,6 +111,68 @@ async def resolve_names(src: Client, names: list[str], all_names: bool) -> list[
     return out
 
 
+def choose_bases(
+    recipe: casproto.Recipe | Recipe,
+    need: list[tuple[bytes, int]],
+    old: Recipe,
+    max_bases: int = casproto.MAX_BASES,
+) -> dict[bytes, tuple[bytes, ...]]:
+    """For each missing chunk, the chunks of the old version most likely to resemble it.
+
+    Chunks both versions share are anchors. A run of new chunks between two anchors
+    replaced the old chunks between the same anchors, so those are its bases; in a long
+    run, each new chunk gets the old chunks at the same relative byte position (the
+    window zstd can reach). No anchor before or after: the run is aligned to the old
+    blob's start or end.
+    """
+    missing = {cid for cid, _ in need}
+    old_pos: dict[bytes, int] = {}
+    for i, cid in enumerate(old.ids):
+        old_pos.setdefault(cid, i)
+    old_offsets = [0]
+    for size in old.sizes:
+        old_offsets.append(old_offsets[-1] + size)
+    out: dict[bytes, tuple[bytes, ...]] = {}
+    ids, sizes = recipe.ids, recipe.sizes
+    i = 0
+    prev_anchor = -1  # index in old.ids of the last anchor seen
+    while i < len(ids):
+        if ids[i] in old_pos:
+            prev_anchor = old_pos[ids[i]]
+            i += 1
+            continue
+        j = i  # the run of chunks the old version lacks: ids[i:j]
+        while j < len(ids) and ids[j] not in old_pos:
+            j += 1
+        next_anchor = old_pos[ids[j]] if j < len(ids) else len(old.ids)
+        lo, hi = prev_anchor + 1, next_anchor  # old chunks between the anchors
+        if lo >= hi:
+            i = j
+            continue
+        run_bytes = sum(sizes[i:j]) or 1
+        old_start, old_bytes = old_offsets[lo], old_offsets[hi] - old_offsets[lo]
+        done = 0
+        for k in range(i, j):
+            if ids[k] in missing and ids[k] not in out:
+                if hi - lo <= max_bases:
+                    pick = range(lo, hi)
+                else:
+                    # Map this chunk's place in the run onto the old run by proportion.
+                    at = old_start + old_bytes * done // run_bytes
+                    first = max(lo, _index_at(old_offsets, at) - max_bases // 2 + 1)
+                    pick = range(first, min(hi, first + max_bases))
+                out[ids[k]] = tuple(old.ids[p] for p in pick)
+            done += sizes[k]
+        i = j
+    return out
+
+
+def _index_at(offsets: list[int], at: int) -> int:
+    import bisect
+
+    return max(0, bisect.bisect_right(offsets, at) - 1)
+
+
 def _missing(recipe: casproto.Recipe, have: list[bool]) -> list[tuple[bytes, int]]:
     """Distinct (id, size) the destination lacks, in order of first appearance."""
     seen: set[bytes] = set()
@@ -126,12 +189,41 @@ def _distinct(ids: tuple[bytes, ...]) -> list[bytes]:
     return list(dict.fromkeys(ids))
 
 
-def hash_blob(store: Store, recipe: Recipe) -> str:
-    """sha256 of a blob assembled from the store, in recipe order (a worker-thread call)."""
-    sha = hashlib.sha256()
-    for cid in recipe.ids:
-        sha.update(store.get_chunk(cid))
-    return format_digest(sha.digest())
+class _OrderedHasher:
+    """sha256 of a blob fed as its chunks become available, in recipe order.
+
+    Fetched chunks arrive in order of first appearance, so hashing follows the transfer
+    instead of re-reading the whole blob after it; chunks held before (or repeated) are
+    read from the store when their turn comes. Worker-thread calls, one at a time.
+    """
+
+    def __init__(self, recipe: casproto.Recipe, store: Store, held: list[bytes]) -> None:
+        self._recipe = recipe
+        self._store = store
+        self._available = set(held)
+        self._pos = 0
+        self._sha = hashlib.sha256()
+
+    def advance(self, fresh: dict[bytes, bytes]) -> None:
+        self._available.update(fresh)
+        ids, sizes = self._recipe.ids, self._recipe.sizes
+        while self._pos < len(ids) and ids[self._pos] in self._available:
+            cid = ids[self._pos]
+            data = fresh.get(cid)
+            if data is None:
+                data = self._store.get_chunk(cid)
+            if len(data) != sizes[self._pos]:
+                raise DigestMismatch(
+                    self._recipe.digest, f"a chunk of {len(data)} bytes at entry {self._pos}"
+                )
+            self._sha.update(data)
+            self._pos += 1
+
+    def finish(self) -> str:
+        self.advance({})
+        if self._pos != len(self._recipe.ids):
+            raise DigestMismatch(self._recipe.digest, "an incomplete blob")
+        return format_digest(self._sha.digest())
 
 
 async def sync_into_store(
@@ -227,20 +319,40 @@ async def _copy_all(
             report.items.append((name, digest, "would-copy"))
             continue
 
-        async def keep(chunks: list[VerifiedChunk], name: str = name) -> None:
-            # Verified by fetch_chunks already: store without hashing again, and keep
-            # the compressed form as it came.
+        missing = {cid for cid, _ in need}
+        hasher = _OrderedHasher(recipe, store, held=[c for c in recipe.ids if c not in missing])
+
+        def store_and_hash(chunks: list[VerifiedChunk], hasher: _OrderedHasher = hasher) -> None:
+            # Verified by fetch_chunks already: store without hashing again, keep the
+            # compressed form as it came, and feed the blob hash while the link is busy.
             batch = [
                 ChunkIn(c.id, c.data, c.codec, c.payload, decoded_from_encoded=True) for c in chunks
             ]
-            await run(functools.partial(store.put_chunks, batch, verify=False))
+            store.put_chunks(batch, verify=False)
+            hasher.advance({c.id: c.data for c in chunks})
+
+        async def keep(chunks: list[VerifiedChunk], name: str = name) -> None:
+            await run(store_and_hash, chunks)
+            report.chunks_delta += sum(c.codec == casproto.Codec.ZSTD_PREFIX for c in chunks)
             report.chunks_fetched += len(chunks)
             report.bytes_raw_fetched += sum(len(c.data) for c in chunks)
             await progress(_progress(report, name, src, wire_before))
 
-        report.bytes_fetched += await src.fetch_chunks(need, keep)
+        bases: dict[bytes, tuple[bytes, ...]] = {}
+        old_digest = local_names.get(name) if named else None
+        if old_digest is not None and old_digest != digest:
+            # The previous version under this name: the natural base to encode against.
+            old = await run(store.get_recipe, old_digest)
+            bases = await run(choose_bases, recipe, need, old)
+
+        def read_base(ids: tuple[bytes, ...]) -> bytes:
+            return b"".join(store.get_chunk(i) for i in ids)
+
+        report.bytes_fetched += await src.fetch_chunks(
+            need, keep, bases=bases or None, read_base=read_base
+        )
         local = Recipe(digest, recipe.size, recipe.ids, recipe.sizes)
-        actual = await run(hash_blob, store, local)
+        actual = await run(hasher.finish)
         if actual != digest:
             raise DigestMismatch(digest, actual)
         await run(store.commit_blob, local, name if named else None)

@@ -20,7 +20,7 @@ import casproto
 import trio
 from casproto import ErrorCode
 
-from casd import __version__
+from casd import __version__, zstd
 from casd import ingest as ingest_mod
 from casd.client import open_client
 from casd.errors import (
@@ -40,7 +40,8 @@ from casd.ingest import BlobIngest, IngestError, StoreBatch
 from casd.nursery import open_nursery
 from casd.peer import PeerConnection
 from casd.replicate import resolve_names, sync_into_store
-from casd.storage.interface import Store
+from casd.storage._encode import decode_stored
+from casd.storage.interface import Store, StoredChunk
 
 log = logging.getLogger("casd.server")
 
@@ -62,7 +63,12 @@ IDLE_FLUSH_S = 0.2
 # How long a connection may take to say HELLO before it is dropped.
 HELLO_TIMEOUT = 30.0
 
-FEATURES = frozenset({"zstd"})
+FEATURES = frozenset({"zstd", "zstd-prefix"})
+
+# zstd level for chunks encoded against a prefix: these travel over a WAN because the
+# receiver asked for a delta, so the ratio matters more than the CPU (level 3 costs
+# ~0.4 ms per 64 KiB chunk against a 200 KB prefix here).
+DELTA_LEVEL = 3
 
 
 @dataclass
@@ -78,6 +84,9 @@ class ServerStats:
     chunks_received: int = 0
     chunks_sent: int = 0
     errors: int = 0
+    delta_candidates: int = 0
+    delta_chunks: int = 0
+    delta_bytes_saved: int = 0
 
 
 @dataclass
@@ -244,7 +253,7 @@ class Session:
             if isinstance(ev, casproto.Error) and rid == 0:
                 log.info("%s: client error: %s", self.peer.ident, ev.message)
                 return
-            if kind is casproto.Want:
+            if kind is casproto.Want or kind is casproto.WantDelta:
                 self._start(nursery, rid, self._want, ev, self._wants.ticket())
             elif kind in handlers:
                 self._start(nursery, rid, handlers[kind], ev)
@@ -340,6 +349,9 @@ class Session:
             "chunks_received": s.chunks_received,
             "chunks_sent": s.chunks_sent,
             "errors": s.errors,
+            "delta_candidates": s.delta_candidates,
+            "delta_chunks": s.delta_chunks,
+            "delta_bytes_saved": s.delta_bytes_saved,
             "store_chunks": st.chunks,
             "store_blobs": st.blobs,
             "store_names": st.names,
@@ -369,20 +381,23 @@ class Session:
             )
         await self.peer.send_many(frames)
 
-    async def _want(self, ev: casproto.Want, ticket: int) -> None:
+    async def _want(self, ev: casproto.Want | casproto.WantDelta, ticket: int) -> None:
         zstd_ok = "zstd" in self.features
         store = self.ctx.store
+        bases = ev.bases if isinstance(ev, casproto.WantDelta) else None
 
-        def read(ids: tuple[bytes, ...]) -> list[casproto.Chunk]:
+        def read(start: int, end: int) -> list[casproto.Chunk]:
             out = []
-            for cid in ids:
+            for k in range(start, end):
+                cid = ev.ids[k]
                 s = store.get_stored(cid)
                 if s.codec == casproto.Codec.ZSTD and not zstd_ok:
-                    out.append(
-                        casproto.Chunk(ev.rid, cid, casproto.Codec.RAW, store.get_chunk(cid))
-                    )
+                    frame = casproto.Chunk(ev.rid, cid, casproto.Codec.RAW, store.get_chunk(cid))
                 else:
-                    out.append(casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload))
+                    frame = casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload)
+                if bases is not None and bases[k]:
+                    frame = self._delta_or(frame, s, bases[k])
+                out.append(frame)
             return out
 
         # A reader task stays one batch ahead of the sender: disk and network overlap.
@@ -391,7 +406,8 @@ class Session:
         async def produce() -> None:
             async with send:
                 for i in range(0, len(ev.ids), SERVE_BATCH):
-                    await send.send(await self.ctx.run(read, ev.ids[i : i + SERVE_BATCH]))
+                    end = min(i + SERVE_BATCH, len(ev.ids))
+                    await send.send(await self.ctx.run(read, i, end))
 
         try:
             async with open_nursery() as nursery:
@@ -404,6 +420,24 @@ class Session:
         finally:
             await self._wants.done(ticket)
 
+    def _delta_or(
+        self, frame: casproto.Chunk, stored: StoredChunk, bases: tuple[bytes, ...]
+    ) -> casproto.Chunk:
+        # Worker thread. Encode the chunk against the client's bases when this store holds
+        # them all and the result is smaller than what would be sent anyway.
+        store = self.ctx.store
+        if not all(store.has_chunks(bases)):
+            return frame
+        prefix = b"".join(store.get_chunk(b) for b in bases)
+        raw = decode_stored(stored.id, stored.codec, stored.payload, stored.raw_size)
+        delta = zstd.compress_with_prefix(raw, prefix, DELTA_LEVEL)
+        self.ctx.stats.delta_candidates += 1
+        if len(delta) >= len(frame.data):
+            return frame
+        self.ctx.stats.delta_chunks += 1
+        self.ctx.stats.delta_bytes_saved += len(frame.data) - len(delta)
+        return casproto.Chunk(frame.rid, frame.id, casproto.Codec.ZSTD_PREFIX, delta)
+
     # --- sync: pull from another server ----------------------------------------------
 
     async def _sync(self, ev: casproto.Sync) -> None:
@@ -415,16 +449,18 @@ class Session:
             async with open_client(source, token=ev.token) as src:
                 pairs = await resolve_names(src, list(ev.names), ev.all)
                 report = await sync_into_store(
-                    src, self.ctx.store, self.ctx.run, pairs,
-                    dry_run=ev.dry_run, on_progress=send_progress,
+                    src,
+                    self.ctx.store,
+                    self.ctx.run,
+                    pairs,
+                    dry_run=ev.dry_run,
+                    on_progress=send_progress,
                 )
                 report.wire_bytes = src.peer.wire_bytes  # the whole conversation, handshake on
         except PeerRefused as exc:
             raise UpstreamError(f"source {source} refused: {exc.remote_message}", exc.code) from exc
         except (PeerError, ConfigError) as exc:  # PeerGone included: the source broke off
-            raise UpstreamError(
-                f"source {source}: {exc}", int(ErrorCode.UNREACHABLE)
-            ) from exc
+            raise UpstreamError(f"source {source}: {exc}", int(ErrorCode.UNREACHABLE)) from exc
         log.info("%s: sync from %s: %s", self.peer.ident, source, report.as_dict())
         await self.peer.send(casproto.SyncDone(ev.rid, report.as_dict(), tuple(report.items)))
 

@@ -9,7 +9,7 @@ are public for tools and tests that need them on their own.
 from __future__ import annotations
 
 from ._bitmap import pack_bitmap, unpack_bitmap
-from ._codec import FrameDecoder, decode_body, encode_message
+from ._codec import MAX_BASES, FrameDecoder, decode_body, encode_message
 from ._connection import CLOSED, NEED_DATA, Connection, Event
 from ._constants import ID_SIZE, MAX_BATCH, MAX_FRAME, PROTOCOL_VERSION
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -43,18 +43,21 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    WantDelta,
     Welcome,
 )
 from ._names import is_valid_digest, is_valid_name
-from ._state import ZSTD_FEATURE, ConnState, Role
+from ._state import PREFIX_FEATURE, ZSTD_FEATURE, ConnState, Role
 
 __all__ = [
     "CLOSED",
     "ID_SIZE",
+    "MAX_BASES",
     "MAX_BATCH",
     "MAX_FRAME",
     "MESSAGE_CLASSES",
     "NEED_DATA",
+    "PREFIX_FEATURE",
     "PROTOCOL_VERSION",
     "ZSTD_FEATURE",
     "BlobInfo",
@@ -94,6 +97,7 @@ __all__ = [
     "Tag",
     "Untag",
     "Want",
+    "WantDelta",
     "Welcome",
     "decode_body",
     "encode_message",

@@ -48,6 +48,7 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    WantDelta,
     Welcome,
 )
 
@@ -244,6 +245,22 @@ def _stats(value: object) -> object:
     return stats
 
 
+#: Most base chunks one WANT_DELTA entry may name: 8 x 256 KiB = a 2 MiB prefix at most,
+#: what zstd's level-3 window (2^21) still reaches.
+MAX_BASES: Final = 8
+
+
+def _bases(value: object) -> object:
+    lists = _batch(value)
+    out = []
+    for entry in lists:
+        ids = _array(entry)
+        if len(ids) > MAX_BASES:
+            raise _FieldError(f"more than {MAX_BASES} bases for one chunk", ErrorCode.TOO_LARGE)
+        out.append(_chunk_ids(ids))
+    return tuple(out)
+
+
 def _items(value: object) -> object:
     items = []
     for entry in _array(value):
@@ -308,6 +325,7 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
         ("last", _flag),
     ),
     Want: (("ids", _chunk_ids_nonempty),),
+    WantDelta: (("ids", _chunk_ids_nonempty), ("bases", _bases)),
     Sync: (
         ("source", _text),
         ("token", _text_or_nil),
@@ -362,6 +380,11 @@ def _checked(layout: _Layout, rid: object, raw: tuple[object, ...]) -> list[obje
             ids, sizes = values[layout.sizes_at], values[layout.sizes_at + 1]
             if len(cast(tuple[object, ...], ids)) != len(cast(tuple[object, ...], sizes)):
                 raise _FieldError("must have one size per id", ErrorCode.INVALID)
+        if layout.type_code == WantDelta.TYPE:
+            where = "bases"
+            ids, bases = values[1], values[2]
+            if len(cast(tuple[object, ...], ids)) != len(cast(tuple[object, ...], bases)):
+                raise _FieldError("must have one list of bases per id", ErrorCode.INVALID)
     except _FieldError as exc:
         raise LocalProtocolError(f"{layout.name}.{where}: {exc.detail}", exc.code) from None
     return values
@@ -414,7 +437,7 @@ def _frame_prefix(length: int, name: str) -> bytes:
 # saves the generic loop. test_codec checks the bytes equal packb's.
 _CHUNK_HEAD: Final = bytes((0x95, Chunk.TYPE))  # fixarray of 5, then the type fixint
 _ID_HEAD: Final = bytes((0xC4, ID_SIZE))  # bin8 of 32 bytes
-_CODEC_BYTE: Final = {Codec.RAW: b"\x00", Codec.ZSTD: b"\x01"}  # positive fixints
+_CODEC_BYTE: Final = {c: bytes((int(c),)) for c in Codec}  # positive fixints
 _FIXINTS: Final = tuple(bytes((value,)) for value in range(0x80))
 
 
@@ -446,7 +469,7 @@ def _encode_chunk(chunk: Chunk) -> bytes:
         and 0 <= rid <= MAX_UINT
         and type(ident) is bytes
         and len(ident) == ID_SIZE
-        and (codec is Codec.RAW or codec is Codec.ZSTD)
+        and codec in _CODEC_BYTE
         and type(data) is bytes
     ):
         # The generic checks raise, or admit an int codec and bytes-like data.

@@ -20,6 +20,10 @@ class Codec(IntEnum):
     RAW = 0
     #: One zstd frame whose content is the chunk; only after "zstd" was negotiated.
     ZSTD = 1
+    #: One zstd frame compressed with the chunk's base chunks (concatenated, in the order
+    #: WANT_DELTA listed them) as a raw prefix; only in answer to WANT_DELTA, and only
+    #: after "zstd-prefix" was negotiated (SPEC §4.3).
+    ZSTD_PREFIX = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +272,20 @@ class Want(Message):
     ids: tuple[bytes, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class WantDelta(Message):
+    """C→S: send these chunks, encoded against bases the client holds where that helps.
+
+    ``bases[i]`` lists up to MAX_BASES chunk ids the client holds that resemble
+    ``ids[i]`` (typically the same region of the previous version of the blob). Answered
+    like WANT, by exactly ``len(ids)`` CHUNK frames in order.
+    """
+
+    TYPE: ClassVar[int] = 43
+    ids: tuple[bytes, ...]
+    bases: tuple[tuple[bytes, ...], ...]
+
+
 # --- sync (SPEC §4.2) -------------------------------------------------------------------
 
 
@@ -326,6 +344,7 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Pull,
     Recipe,
     Want,
+    WantDelta,
     Sync,
     SyncProgress,
     SyncDone,

@@ -50,11 +50,14 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    WantDelta,
     Welcome,
 )
 
 #: The feature that allows CHUNK codec ZSTD (SPEC §3).
 ZSTD_FEATURE: Final = "zstd"
+#: The feature that allows WANT_DELTA and CHUNK codec ZSTD_PREFIX (SPEC §4.3).
+PREFIX_FEATURE: Final = "zstd-prefix"
 
 
 class Role(Enum):
@@ -101,6 +104,7 @@ _FOLLOW_UPS: Final[
     Stats: (frozenset(), frozenset({StatsResult})),
     Pull: (frozenset(), frozenset({Recipe})),
     Want: (frozenset(), frozenset({Chunk})),
+    WantDelta: (frozenset(), frozenset({Chunk})),
     PushBegin: (frozenset({PushRecipe, Chunk, PushEnd}), frozenset({PushWant, PushDone})),
     Sync: (frozenset(), frozenset({SyncProgress, SyncDone})),
 }
@@ -156,15 +160,18 @@ class _PullRequest(_Request):
 class _WantRequest(_Request):
     """WANT: exactly len(ids) CHUNKs, ids in the order asked (SPEC §4.1)."""
 
-    __slots__ = ("ids", "sent")
+    __slots__ = ("delta", "ids", "sent")
 
-    def __init__(self, opener: Want) -> None:
+    def __init__(self, opener: Want | WantDelta) -> None:
         super().__init__(opener)
         self.ids = opener.ids
         self.sent = 0
+        self.delta = isinstance(opener, WantDelta)
 
     def from_server(self, message: Message) -> bool:
         assert isinstance(message, Chunk)
+        if message.codec == Codec.ZSTD_PREFIX and not self.delta:
+            raise _unexpected(f"CHUNK with codec ZSTD_PREFIX answers WANT {message.rid}")
         if message.id != self.ids[self.sent]:
             raise _unexpected(
                 f"CHUNK {message.id.hex()} for WANT {message.rid}, "
@@ -253,6 +260,7 @@ _STARTS: Final[dict[type[Message], type[_Request]]] = {
     Stats: _Request,
     Pull: _PullRequest,
     Want: _WantRequest,
+    WantDelta: _WantRequest,
     PushBegin: _PushRequest,
     Sync: _SyncRequest,
 }
@@ -317,12 +325,16 @@ class ConversationState:
             raise _unexpected(f"{kind.__name__} after the handshake")
         if message.rid == 0:
             raise _unexpected(f"{kind.__name__} with rid 0, which names the connection")
-        if (
-            isinstance(message, Chunk)
-            and message.codec != Codec.RAW
-            and ZSTD_FEATURE not in self.features
-        ):
-            raise _unexpected(f'CHUNK with codec {message.codec!r} but "zstd" was not negotiated')
+        if isinstance(message, Chunk) and message.codec != Codec.RAW:
+            needed = ZSTD_FEATURE if message.codec == Codec.ZSTD else PREFIX_FEATURE
+            if needed not in self.features:
+                raise _unexpected(
+                    f"CHUNK with codec {message.codec!r} but {needed!r} was not negotiated"
+                )
+            if message.codec == Codec.ZSTD_PREFIX and sender is Role.CLIENT:
+                raise _unexpected("only the server sends CHUNK with codec ZSTD_PREFIX")
+        if isinstance(message, WantDelta) and PREFIX_FEATURE not in self.features:
+            raise _unexpected(f"WANT_DELTA but {PREFIX_FEATURE!r} was not negotiated")
         if sender is Role.CLIENT:
             return self._from_client(message)
         self._from_server(message)

@@ -53,6 +53,7 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    WantDelta,
     Welcome,
     encode_message,
     pack_bitmap,
@@ -106,6 +107,7 @@ VECTORS: dict[str, Message] = {
     "recipe_part": Recipe(70000, DIGEST, len(BLOB), (ID_ONE, ID_TWO), (len(ONE), len(TWO)), False),
     "recipe_last": Recipe(70000, DIGEST, len(BLOB), (ID_ONE,), (len(ONE),), True),
     "want": Want(70001, (ID_ONE, ID_TWO)),
+    "want_delta": WantDelta(70002, (ID_TWO,), ((ID_ONE,),)),
     "sync": Sync(80, "198.18.0.1:7420", None, ("release",), False, False),
     "sync_progress": SyncProgress(80, {"bytes_done": 1024, "bytes_total": 4096}),
     "sync_done": SyncDone(

@@ -47,6 +47,7 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    WantDelta,
     Welcome,
 )
 from hypothesis import strategies as st
@@ -186,6 +187,16 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
         st.booleans(),
     ),
     Want: st.builds(Want, rids, id_batches(min_size=1)),
+    WantDelta: id_batches(min_size=1).flatmap(
+        lambda ids: st.builds(
+            WantDelta,
+            rids,
+            st.just(ids),
+            st.lists(id_batches().map(lambda b: b[:8]), min_size=len(ids), max_size=len(ids)).map(
+                tuple
+            ),
+        )
+    ),
     Sync: st.builds(
         Sync, rids, texts, st.none() | texts, text_tuples, st.booleans(), st.booleans()
     ),

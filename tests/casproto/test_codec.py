@@ -175,7 +175,7 @@ DEEP = b"\x91" * 100_000 + b"\xc0"
         (pack(PushRecipe.TYPE, 1, [ID], [-1]), ErrorCode.MALFORMED, r"PushRecipe\.sizes"),
         (pack(PushRecipe.TYPE, 1, [ID], [True]), ErrorCode.MALFORMED, r"PushRecipe\.sizes"),
         (pack(PushRecipe.TYPE, 1, [ID], [0] * (MAX_BATCH + 1)), ErrorCode.TOO_LARGE, "sizes"),
-        (pack(Chunk.TYPE, 1, ID, 2, b""), ErrorCode.INVALID, r"Chunk\.codec"),
+        (pack(Chunk.TYPE, 1, ID, 3, b""), ErrorCode.INVALID, r"Chunk\.codec"),
         (pack(Chunk.TYPE, 1, ID, True, b""), ErrorCode.MALFORMED, r"Chunk\.codec"),
         (pack(Chunk.TYPE, 1, ID, 0, "data"), ErrorCode.MALFORMED, r"Chunk\.data"),
         (pack(Chunk.TYPE, 1, ID[:31], 0, b""), ErrorCode.MALFORMED, r"Chunk\.id"),

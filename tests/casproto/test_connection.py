@@ -49,6 +49,7 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    WantDelta,
     Welcome,
     encode_message,
     pack_bitmap,
@@ -812,3 +813,27 @@ def test_sync_reports_progress_then_ends_with_sync_done(pair: ConnectionPair) ->
 def test_sync_of_all_names_no_blob(pair: ConnectionPair) -> None:
     with pytest.raises(LocalProtocolError, match="all=true"):
         pair.client.send(Sync(9, "198.18.0.1:7420", None, ("x",), True, False))
+
+
+def delta_pair() -> ConnectionPair:
+    p = ConnectionPair()
+    p.handshake(("zstd", "zstd-prefix"))
+    return p
+
+
+def test_want_delta_answers_may_be_encoded_against_their_bases() -> None:
+    p = delta_pair()
+    p.exchange(p.client, WantDelta(5, (A, B), ((B,), ())))
+    p.exchange(p.server, Chunk(5, A, Codec.ZSTD_PREFIX, b"(delta)"), Chunk(5, B, Codec.RAW, b"b"))
+    assert not p.client.open_requests
+
+
+def test_zstd_prefix_answers_only_want_delta() -> None:
+    p = delta_pair()
+    p.exchange(p.client, Want(5, (A,)))
+    assert_forbidden(p, p.server, Chunk(5, A, Codec.ZSTD_PREFIX, b"(delta)"))
+
+
+def test_want_delta_needs_the_feature(pair: ConnectionPair) -> None:
+    with pytest.raises(LocalProtocolError, match="zstd-prefix"):
+        pair.client.send(WantDelta(5, (A,), ((B,),)))

@@ -39,6 +39,7 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    WantDelta,
     Welcome,
 )
 from casproto._state import _FOLLOW_UPS, _HANDSHAKE, _STARTS, ConversationState
@@ -48,7 +49,7 @@ from hypothesis import strategies as st
 
 # The direction column of SPEC §3 and §4.
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
-CLIENT_SENDS |= {Cancel, Pull, Want, Sync}
+CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
 SERVER_SENDS |= {SyncProgress, SyncDone}
 BOTH_SEND = {Chunk, Error}
