@@ -154,3 +154,23 @@ def test_a_noop_sync_of_100_names_costs_a_few_round_trips(make_daemon: MakeDaemo
     assert out["chunks_fetched"] == 0
     # Handshake plus one LIST: a few kilobytes, whatever the number of names.
     assert out["wire_bytes"] < 20_000
+
+
+def test_a_changed_region_travels_as_a_delta_against_the_old_version(
+    make_daemon: MakeDaemon,
+) -> None:
+    a, b = make_daemon("a"), make_daemon("b")
+    v1 = os.urandom(6_000_000)  # incompressible: only a delta can avoid resending chunks
+    ok(casctl(a, "put", "-", "--name", "blob", input=v1))
+    sync(a, b, "blob")
+    v2 = bytearray(v1)
+    for at in (1_000_000, 3_000_000, 5_000_000):
+        v2[at : at + 100] = os.urandom(100)  # three small overwrites
+    ok(casctl(a, "put", "-", "--name", "blob", input=bytes(v2)))
+    out = sync(a, b, "blob")
+    assert out["chunks_fetched"] >= 3
+    assert out["chunks_delta"] == out["chunks_fetched"]
+    # Three 100-byte changes: a few kB travel, not three 80 kB chunks.
+    assert out["bytes_fetched"] < 20_000
+    assert ok(casctl(b, "get", "blob")).out == bytes(v2)
+    assert stats(a)["delta_chunks"] >= 3
