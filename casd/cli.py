@@ -229,6 +229,35 @@ async def cmd_rm(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_fsck(client: Client, args: argparse.Namespace) -> int:
+    done = await client.fsck(
+        deep=args.deep, repair_from=args.repair_from, token=args.repair_token or args.token
+    )
+    report = done.report
+    if args.json:
+        print(json.dumps({**report, "damaged": [d.hex() for d in done.damaged]}))
+    else:
+        for cid in done.damaged:
+            print(f"damaged  {cid.hex()}")
+        print(
+            f"fsck{' --deep' if args.deep else ''}: {report['chunks_checked']} chunks checked, "
+            f"{report['chunks_damaged']} damaged, {report['chunks_missing']} missing, "
+            f"{report['chunks_repaired']} repaired; {report['blobs']} blobs "
+            f"({report['blobs_incomplete']} incomplete, {report['blobs_damaged']} damaged); "
+            f"{report['names']} names ({report['names_dangling']} dangling)",
+            file=sys.stderr,
+        )
+    if not report["clean"]:
+        if not args.json:
+            print(
+                "casctl: error: the store is damaged"
+                + ("" if args.repair_from else "; repair it with --repair-from HOST:PORT"),
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
 async def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     stats = await client.stats()
     if args.json:
@@ -317,6 +346,7 @@ COMMANDS = {
     "tag": cmd_tag,
     "rm": cmd_rm,
     "stats": cmd_stats,
+    "fsck": cmd_fsck,
 }
 
 
@@ -448,6 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="token for DST (default: $CASD_DST_TOKEN, else --token)",
     )
     s.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+
+    s = sub.add_parser(
+        "fsck",
+        parents=[common],
+        help="check the server's store; repair it from a peer",
+        description="Check every chunk record against its checksum (--deep: every chunk "
+        "against its BLAKE3 id and every blob against its sha256), every recipe against the "
+        "index and every name. Exit status 1 when damage remains. --repair-from fetches "
+        "damaged or missing chunks from a healthy server, verifies and rewrites them.",
+    )
+    s.add_argument("--deep", action="store_true", help="also re-hash every chunk and blob")
+    s.add_argument("--repair-from", metavar="HOST:PORT", help="server to fetch good copies from")
+    s.add_argument("--repair-token", help="token for the repair server (default: --token)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("stats", parents=[common], help="show server and store counters")
     s.add_argument("--json", action="store_true")

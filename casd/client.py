@@ -195,6 +195,15 @@ class Client:
         reply = await self._call(lambda rid: casproto.Stats(rid))
         return dict(reply.stats)
 
+    async def fsck(
+        self, *, deep: bool = False, repair_from: str | None = None, token: str | None = None
+    ) -> casproto.FsckDone:
+        """Ask this server to check its store (and repair it from ``repair_from``)."""
+        reply: casproto.FsckDone = await self._call(
+            lambda rid: casproto.Fsck(rid, deep, repair_from, token)
+        )
+        return reply
+
     async def sync_from(
         self,
         source: str,

@@ -239,11 +239,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="on shutdown, how long open requests may run on (default: %(default)s)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    f = sub.add_parser(
+        "fsck",
+        help="check a store directory offline (the daemon must not be running on it)",
+        description="Check a store without a daemon: every chunk record against its "
+        "checksum (--deep: against its id, and every blob against its sha256), every recipe "
+        "and name. Exit status 1 when damage is found. To repair from a peer, run the "
+        "daemon and use `casctl fsck --repair-from HOST:PORT`.",
+    )
+    f.add_argument("--data", default=os.environ.get("CASD_DATA") or default_data_dir())
+    f.add_argument("--deep", action="store_true", help="also re-hash every chunk and blob")
     return p
+
+
+def fsck_offline(data: str, deep: bool) -> int:
+    try:
+        with DiskStore(data, params=None, create=False) as store:
+            result = store.check(deep=deep)
+    except CasdError as exc:
+        print(f"casd: error: {exc}", file=sys.stderr)
+        return 1
+    for cid in [*result.damaged, *result.missing]:
+        print(f"damaged  {cid.hex()}")
+    for digest in result.blobs_incomplete + result.blobs_damaged:
+        print(f"blob     {digest}")
+    for name in result.names_dangling:
+        print(f"name     {name}")
+    print(" ".join(f"{k}={v}" for k, v in result.as_dict().items()), file=sys.stderr)
+    return 0 if result.clean else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "fsck":
+        return fsck_offline(args.data, args.deep)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

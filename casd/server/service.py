@@ -9,6 +9,7 @@ frames.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -22,7 +23,7 @@ from casproto import ErrorCode
 
 from casd import __version__, zstd
 from casd import ingest as ingest_mod
-from casd.client import open_client
+from casd.client import VerifiedChunk, open_client
 from casd.errors import (
     BlobMissing,
     CasdError,
@@ -41,7 +42,7 @@ from casd.nursery import open_nursery
 from casd.peer import PeerConnection
 from casd.replicate import resolve_names, sync_into_store
 from casd.storage._encode import decode_stored
-from casd.storage.interface import Store, StoredChunk
+from casd.storage.interface import ChunkIn, Store, StoredChunk
 
 log = logging.getLogger("casd.server")
 
@@ -242,6 +243,7 @@ class Session:
             casproto.Stats: self._stats,
             casproto.Pull: self._pull,
             casproto.Sync: self._sync,
+            casproto.Fsck: self._fsck,
         }
         while True:
             ev = await self.peer.next_event()
@@ -437,6 +439,44 @@ class Session:
         self.ctx.stats.delta_chunks += 1
         self.ctx.stats.delta_bytes_saved += len(frame.data) - len(delta)
         return casproto.Chunk(frame.rid, frame.id, casproto.Codec.ZSTD_PREFIX, delta)
+
+    # --- fsck ----------------------------------------------------------------------------
+
+    async def _fsck(self, ev: casproto.Fsck) -> None:
+        store = self.ctx.store
+        result = await self.ctx.run(functools.partial(store.check, deep=ev.deep))
+        repaired = 0
+        if ev.repair_from and (result.damaged or result.missing):
+            wanted = {**result.damaged, **result.missing}
+            source = ev.repair_from
+            try:
+                async with open_client(source, token=ev.token) as peer:
+                    ids = list(wanted)
+                    have = await peer.has(ids)
+                    need = [(cid, wanted[cid]) for cid, ok in zip(ids, have, strict=True) if ok]
+
+                    async def keep(chunks: list[VerifiedChunk]) -> None:
+                        nonlocal repaired
+                        fresh = [ChunkIn(c.id, c.data) for c in chunks]
+                        repaired += await self.ctx.run(store.rewrite_chunks, fresh)
+
+                    if need:
+                        await peer.fetch_chunks(need, keep)
+            except PeerRefused as exc:
+                raise UpstreamError(
+                    f"repair source {source} refused: {exc.remote_message}", exc.code
+                ) from exc
+            except (PeerError, ConfigError) as exc:
+                raise UpstreamError(
+                    f"repair source {source}: {exc}", int(ErrorCode.UNREACHABLE)
+                ) from exc
+            log.info("%s: fsck repaired %d chunks from %s", self.peer.ident, repaired, source)
+            result = await self.ctx.run(functools.partial(store.check, deep=ev.deep))
+        report = result.as_dict()
+        report["chunks_repaired"] = repaired
+        report["clean"] = int(result.clean)
+        damaged = tuple([*result.damaged, *result.missing][: casproto.MAX_BATCH])
+        await self.peer.send(casproto.FsckDone(ev.rid, report, damaged))
 
     # --- sync: pull from another server ----------------------------------------------
 

@@ -11,10 +11,11 @@ from typing import Any
 
 import lmdb
 
-from casd.chunking import DEFAULT_PARAMS, ChunkerParams, format_digest, parse_digest
+from casd.chunking import DEFAULT_PARAMS, ChunkerParams, chunk_id, format_digest, parse_digest
 from casd.errors import (
     BlobIncomplete,
     BlobMissing,
+    ChunkCorrupt,
     ChunkerParamsMismatch,
     ChunkMissing,
     NoSpace,
@@ -23,7 +24,16 @@ from casd.errors import (
 )
 from casd.refs import check_digest, check_name, is_digest
 from casd.storage._encode import DEFAULT_LEVEL, decode_stored, encode_for_store
-from casd.storage.interface import ChunkIn, Codec, PutResult, Recipe, StoredChunk, StoreStats
+from casd.storage.check import check_blobs_and_names
+from casd.storage.interface import (
+    CheckResult,
+    ChunkIn,
+    Codec,
+    PutResult,
+    Recipe,
+    StoredChunk,
+    StoreStats,
+)
 from casd.storage.packfile import PACK_TARGET, Location, PackReader, PackWriter
 
 SCHEMA_VERSION = 1
@@ -368,6 +378,51 @@ class DiskStore:
         key = self._digest_key(digest)
         with self._env.begin(db=self._names) as txn:
             return [bytes(k).decode() for k, v in txn.cursor() if v == key]
+
+    # --- checking and repair -----------------------------------------------------------
+
+    def check(self, *, deep: bool = False) -> CheckResult:
+        result = CheckResult(deep=deep)
+        with self._env.begin(db=self._chunks) as txn:
+            entries = [(bytes(k), Location.unpack_value(bytes(v))) for k, v in txn.cursor()]
+        result.chunks = len(entries)
+        for cid, loc in entries:
+            result.chunks_checked += 1
+            try:
+                payload = self._reader.read(cid, loc)
+                if deep and chunk_id(decode_stored(cid, loc.codec, payload, loc.raw_len)) != cid:
+                    raise ChunkCorrupt(cid, "its bytes hash to another id")
+            except ChunkCorrupt:
+                result.damaged[cid] = loc.raw_len
+        check_blobs_and_names(self, result)
+        return result
+
+    def rewrite_chunks(self, chunks: Sequence[ChunkIn]) -> int:
+        records = []
+        for c in chunks:
+            codec, payload = encode_for_store(c, verify=True, level=self._level)
+            records.append((c.id, int(codec), len(c.data), payload))
+        if not records:
+            return 0
+        with self._write_lock:
+            self._check_open()
+            writer = self._current_writer()
+            try:
+                locs = writer.append(records)
+            except BaseException:
+                self._abandon_writer()
+                raise
+            try:
+                with self._env.begin(write=True) as txn:
+                    for rec, loc in zip(records, locs, strict=True):
+                        old = txn.get(rec[0], db=self._chunks)
+                        txn.put(rec[0], loc.pack_value(), db=self._chunks)
+                        if old is None:
+                            self._add_counter(txn, b"raw_bytes", rec[2])
+                            self._add_counter(txn, b"stored_bytes", len(rec[3]))
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, "indexing repaired chunks") from exc
+        return len(records)
 
     # --- the rest --------------------------------------------------------------------
 

@@ -85,6 +85,47 @@ class StoreStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class CheckResult:
+    """What a store check found. ``damaged`` maps chunk id -> its size once decoded."""
+
+    deep: bool
+    chunks: int = 0
+    chunks_checked: int = 0
+    damaged: dict[bytes, int] = field(default_factory=dict)
+    # Chunks recipes name but the index lacks, with their sizes from the recipes.
+    missing: dict[bytes, int] = field(default_factory=dict)
+    blobs: int = 0
+    blobs_incomplete: list[str] = field(default_factory=list)
+    blobs_damaged: list[str] = field(default_factory=list)  # deep: sha256 does not match
+    names: int = 0
+    names_dangling: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (
+            self.damaged
+            or self.missing
+            or self.blobs_incomplete
+            or self.blobs_damaged
+            or self.names_dangling
+        )
+
+    def as_dict(self) -> dict[str, int | float | str]:
+        return {
+            "deep": int(self.deep),
+            "chunks": self.chunks,
+            "chunks_checked": self.chunks_checked,
+            "chunks_damaged": len(self.damaged),
+            "chunks_missing": len(self.missing),
+            "blobs": self.blobs,
+            "blobs_incomplete": len(self.blobs_incomplete),
+            "blobs_damaged": len(self.blobs_damaged),
+            "names": self.names,
+            "names_dangling": len(self.names_dangling),
+        }
+
+
 @runtime_checkable
 class ChunkReader(Protocol):
     def has_chunks(self, ids: Sequence[bytes]) -> list[bool]:
@@ -205,7 +246,27 @@ class RefStore(Protocol):
 
 
 @runtime_checkable
-class Store(ChunkWriter, BlobStore, RefStore, Protocol):
+class Checkable(Protocol):
+    def check(self, *, deep: bool = False) -> CheckResult:
+        """Verify every chunk record (checksum; with ``deep`` also its id), every recipe
+        against the index (with ``deep`` also each blob's sha256), and every name.
+        Reports; changes nothing. Never raises for damage it finds.
+        """
+        ...
+
+    def rewrite_chunks(self, chunks: Sequence[ChunkIn]) -> int:
+        """Store ``chunks`` anew even where the index already has their ids, replacing
+        damaged records. Each must hash to its id. Returns how many were written.
+
+        Raises:
+            ChunkCorrupt: a chunk does not hash to its id; nothing was written.
+            NoSpace, StoreError: as put_chunks.
+        """
+        ...
+
+
+@runtime_checkable
+class Store(ChunkWriter, BlobStore, RefStore, Checkable, Protocol):
     """A complete store: chunks, blobs and names."""
 
     def stats(self) -> StoreStats:

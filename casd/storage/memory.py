@@ -5,10 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from casd.errors import BlobIncomplete, BlobMissing, ChunkMissing
+from casd.chunking import chunk_id
+from casd.errors import BlobIncomplete, BlobMissing, ChunkCorrupt, ChunkMissing
 from casd.refs import check_digest, check_name, is_digest
 from casd.storage._encode import DEFAULT_LEVEL, decode_stored, encode_for_store
+from casd.storage.check import check_blobs_and_names
 from casd.storage.interface import (
+    CheckResult,
     ChunkIn,
     Codec,
     PutResult,
@@ -133,6 +136,28 @@ class MemoryStore:
 
     def names_of(self, digest: str) -> list[str]:
         return sorted(n for n, d in self._names.items() if d == digest)
+
+    def check(self, *, deep: bool = False) -> CheckResult:
+        result = CheckResult(deep=deep, chunks=len(self._chunks))
+        for cid, s in list(self._chunks.items()):
+            result.chunks_checked += 1
+            try:
+                raw = decode_stored(cid, s.codec, s.payload, s.raw_size)
+                if deep and chunk_id(raw) != cid:
+                    result.damaged[cid] = s.raw_size
+            except ChunkCorrupt:
+                result.damaged[cid] = s.raw_size
+        check_blobs_and_names(self, result)
+        return result
+
+    def rewrite_chunks(self, chunks: Sequence[ChunkIn]) -> int:
+        prepared = {}
+        for c in chunks:
+            codec, payload = encode_for_store(c, verify=True, level=self._level)
+            prepared[c.id] = StoredChunk(c.id, Codec(codec), payload, len(c.data))
+        with self._lock:
+            self._chunks.update(prepared)
+        return len(prepared)
 
     def stats(self) -> StoreStats:
         return StoreStats(

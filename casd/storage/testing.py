@@ -187,3 +187,24 @@ class StoreConformance:
     def test_invalid_digests_are_refused(self, store: Store, bad: str) -> None:
         with pytest.raises(InvalidRef):
             store.tag("ok", bad)
+
+    # checking ----------------------------------------------------------------------
+
+    def test_a_healthy_store_checks_clean(self, store: Store) -> None:
+        store_blob(store, os.urandom(400_000), name="a")
+        store_blob(store, b"text " * 50_000, name="b")
+        for deep in (False, True):
+            result = store.check(deep=deep)
+            assert result.clean, result
+            assert result.blobs == 2
+            assert result.names == 2
+            assert result.chunks_checked == result.chunks == store.stats().chunks
+
+    def test_rewrite_replaces_a_chunk_and_refuses_a_forgery(self, store: Store) -> None:
+        c = make_chunk(os.urandom(30_000))
+        store.put_chunks([c])
+        assert store.rewrite_chunks([c]) == 1
+        assert store.get_chunk(c.id) == c.data
+        with pytest.raises(ChunkCorrupt):
+            store.rewrite_chunks([ChunkIn(c.id, b"forged")])
+        assert store.get_chunk(c.id) == c.data

@@ -25,6 +25,8 @@ from ._messages import (
     Chunk,
     Codec,
     Error,
+    Fsck,
+    FsckDone,
     Has,
     Have,
     Hello,
@@ -334,6 +336,8 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
         ("dry_run", _flag),
     ),
     SyncProgress: (("progress", _stats),),
+    Fsck: (("deep", _flag), ("repair_from", _text_or_nil), ("token", _text_or_nil)),
+    FsckDone: (("report", _stats), ("damaged", _chunk_ids)),
     SyncDone: (("report", _stats), ("items", _items)),
 }
 

@@ -318,6 +318,28 @@ class SyncDone(Message):
     items: tuple[tuple[str, str, str], ...]
 
 
+# --- fsck (SPEC §4.4) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fsck(Message):
+    """C→S: check the store (and repair it from another server). Answered by FSCK_DONE."""
+
+    TYPE: ClassVar[int] = 60
+    deep: bool
+    repair_from: str | None
+    token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FsckDone(Message):
+    """S→C answer to FSCK: counts, and the chunk ids still damaged. Terminal."""
+
+    TYPE: ClassVar[int] = 61
+    report: dict[str, int | float | str]
+    damaged: tuple[bytes, ...]
+
+
 #: Every concrete message class, in type-code order.
 MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Hello,
@@ -348,4 +370,6 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Sync,
     SyncProgress,
     SyncDone,
+    Fsck,
+    FsckDone,
 )

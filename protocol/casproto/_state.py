@@ -27,6 +27,8 @@ from ._messages import (
     Chunk,
     Codec,
     Error,
+    Fsck,
+    FsckDone,
     Has,
     Have,
     Hello,
@@ -107,6 +109,7 @@ _FOLLOW_UPS: Final[
     WantDelta: (frozenset(), frozenset({Chunk})),
     PushBegin: (frozenset({PushRecipe, Chunk, PushEnd}), frozenset({PushWant, PushDone})),
     Sync: (frozenset(), frozenset({SyncProgress, SyncDone})),
+    Fsck: (frozenset(), frozenset({FsckDone})),
 }
 
 
@@ -263,6 +266,7 @@ _STARTS: Final[dict[type[Message], type[_Request]]] = {
     WantDelta: _WantRequest,
     PushBegin: _PushRequest,
     Sync: _SyncRequest,
+    Fsck: _Request,
 }
 assert _STARTS.keys() == _FOLLOW_UPS.keys()
 

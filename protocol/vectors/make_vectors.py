@@ -30,6 +30,8 @@ from casproto import (
     Codec,
     Error,
     ErrorCode,
+    Fsck,
+    FsckDone,
     Has,
     Have,
     Hello,
@@ -108,6 +110,8 @@ VECTORS: dict[str, Message] = {
     "recipe_last": Recipe(70000, DIGEST, len(BLOB), (ID_ONE,), (len(ONE),), True),
     "want": Want(70001, (ID_ONE, ID_TWO)),
     "want_delta": WantDelta(70002, (ID_TWO,), ((ID_ONE,),)),
+    "fsck": Fsck(90, True, "198.18.0.1:7420", None),
+    "fsck_done": FsckDone(90, {"chunks": 2, "chunks_damaged": 1}, (ID_ONE,)),
     "sync": Sync(80, "198.18.0.1:7420", None, ("release",), False, False),
     "sync_progress": SyncProgress(80, {"bytes_done": 1024, "bytes_total": 4096}),
     "sync_done": SyncDone(

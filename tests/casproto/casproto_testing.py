@@ -23,6 +23,8 @@ from casproto import (
     Error,
     ErrorCode,
     Event,
+    Fsck,
+    FsckDone,
     Has,
     Have,
     Hello,
@@ -199,6 +201,10 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
     ),
     Sync: st.builds(
         Sync, rids, texts, st.none() | texts, text_tuples, st.booleans(), st.booleans()
+    ),
+    Fsck: st.builds(Fsck, rids, st.booleans(), st.none() | texts, st.none() | texts),
+    FsckDone: st.builds(
+        FsckDone, rids, st.dictionaries(texts, stat_values, max_size=6), id_batches()
     ),
     SyncProgress: st.builds(SyncProgress, rids, st.dictionaries(texts, stat_values, max_size=6)),
     SyncDone: st.builds(

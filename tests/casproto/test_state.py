@@ -14,6 +14,8 @@ from casproto import (
     ConnState,
     Error,
     ErrorCode,
+    Fsck,
+    FsckDone,
     Has,
     Have,
     Hello,
@@ -49,9 +51,9 @@ from hypothesis import strategies as st
 
 # The direction column of SPEC §3 and §4.
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
-CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync}
+CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync, Fsck}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
-SERVER_SENDS |= {SyncProgress, SyncDone}
+SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone}
 BOTH_SEND = {Chunk, Error}
 
 
@@ -79,7 +81,18 @@ def test_every_message_has_a_place_in_the_tables() -> None:
 
 
 def test_every_request_has_a_terminal_answer() -> None:
-    terminal_capable = {Have, BlobInfo, Names, Ok, StatsResult, Recipe, Chunk, PushDone, SyncDone}
+    terminal_capable = {
+        Have,
+        BlobInfo,
+        Names,
+        Ok,
+        StatsResult,
+        Recipe,
+        Chunk,
+        PushDone,
+        SyncDone,
+        FsckDone,
+    }
     for opener, (_, server_then) in _FOLLOW_UPS.items():
         assert server_then & terminal_capable, opener.__name__
 

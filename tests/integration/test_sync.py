@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.integration.harness import CutProxy, Daemon, casctl, ok, put_many, real_data
+from tests.integration.harness import BIN, CutProxy, Daemon, casctl, ok, put_many, real_data
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -174,3 +175,44 @@ def test_a_changed_region_travels_as_a_delta_against_the_old_version(
     assert out["bytes_fetched"] < 20_000
     assert ok(casctl(b, "get", "blob")).out == bytes(v2)
     assert stats(a)["delta_chunks"] >= 3
+
+
+def test_bitrot_is_found_never_served_and_repaired_from_a_peer(make_daemon: MakeDaemon) -> None:
+    a, b = make_daemon("a"), make_daemon("b")
+    blob = os.urandom(3_000_000)
+    ok(casctl(a, "put", "-", "--name", "x", input=blob))
+    sync(a, b, "x")
+    assert ok(casctl(b, "fsck", "--deep", "--json")).json["clean"] == 1
+    (pack,) = (b.data / "packs").iterdir()
+    raw = bytearray(pack.read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    pack.write_bytes(bytes(raw))
+
+    found = casctl(b, "fsck", "--json")
+    assert found.code == 1
+    assert found.json["chunks_damaged"] == 1
+    assert len(found.json["damaged"]) == 1
+    got = casctl(b, "get", "x")
+    assert got.code == 1
+    assert "CHUNK_CORRUPT" in got.err
+    assert "checksum mismatch" in got.err
+
+    fixed = ok(casctl(b, "fsck", "--repair-from", a.address, "--json")).json
+    assert fixed["chunks_repaired"] == 1
+    assert fixed["clean"] == 1
+    assert ok(casctl(b, "get", "x")).out == blob
+    assert ok(casctl(b, "fsck", "--deep")).code == 0
+
+
+def test_offline_fsck_of_a_store_directory(make_daemon: MakeDaemon) -> None:
+    a = make_daemon("a")
+    ok(casctl(a, "put", "-", "--name", "x", input=os.urandom(1_000_000)))
+    a.stop()
+    p = subprocess.run(
+        [str(BIN / "casd"), "fsck", "--data", str(a.data), "--deep"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "chunks_damaged=0" in p.stderr

@@ -73,5 +73,3 @@ def test_wrong_token_across_hosts_is_refused(link: WanLink, tmp_path: Path) -> N
     finally:
         a.kill()
         b.kill()
-
-

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from casd.chunking import ChunkerParams
+from casd.chunking import Chunker, ChunkerParams
 from casd.errors import ChunkCorrupt, ChunkerParamsMismatch, NoSpace, StoreFormatError
 from casd.storage import packfile
 from casd.storage.disk import DiskStore
@@ -131,3 +131,33 @@ def test_disk_full_fails_cleanly_and_the_store_recovers(
         store.put_chunks([lost])  # space is back: a new pack takes the write
         assert store.get_chunk(lost.id) == lost.data
         assert store.get_chunk(before.id) == before.data
+
+
+def test_check_finds_a_flipped_byte_and_rewrite_repairs_it(tmp_path: Path) -> None:
+    data = os.urandom(500_000)
+    with DiskStore(tmp_path / "s") as store:
+        recipe = store_blob(store, data, name="x")
+    (pack,) = (tmp_path / "s" / "packs").iterdir()
+    raw = bytearray(pack.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    pack.write_bytes(bytes(raw))
+    with DiskStore(tmp_path / "s") as store:
+        result = store.check()
+        assert not result.clean
+        assert len(result.damaged) == 1
+        assert result.blobs_damaged == [recipe.digest]
+        (bad,) = result.damaged
+        good = [make_chunk(bytes(v)) for v in Chunker().cut(data)]
+        store.rewrite_chunks([c for c in good if c.id == bad])
+        assert store.check(deep=True).clean
+        assert read_blob(store, recipe.digest) == data
+
+
+def test_check_finds_recipes_whose_chunks_are_gone(tmp_path: Path) -> None:
+    with DiskStore(tmp_path / "s") as store:
+        recipe = store_blob(store, os.urandom(200_000), name="x")
+        with store._env.begin(write=True) as txn:  # an index that lost an entry
+            txn.delete(recipe.ids[0], db=store._chunks)
+        result = store.check()
+        assert result.blobs_incomplete == [recipe.digest]
+        assert recipe.ids[0] in result.missing
