@@ -35,7 +35,7 @@ from casd.errors import (
     PeerRefused,
 )
 from casd.nursery import open_nursery
-from casd.peer import PeerConnection
+from casd.peer import PeerConnection, RequestEnded
 
 Progress = Callable[[int], None]  # called with bytes of the blob done since the last call
 
@@ -268,7 +268,9 @@ class Client:
                         batch = await trio.to_thread.run_sync(batcher.next_batch)
                         if batch is None:
                             return
-                        await self.peer.send(casproto.PushRecipe(rid, batch.ids, batch.sizes))
+                        await self.peer.send(
+                            casproto.PushRecipe(rid, batch.ids, batch.sizes), within=rid
+                        )
                         await batches_send.send(batch)
 
             async def send_wanted() -> None:
@@ -282,7 +284,7 @@ class Client:
                         idx = [i for i, w in enumerate(wanted) if w]
                         if idx:
                             frames = await self._encode_parallel(rid, batch, idx)
-                            await self.peer.send_many(frames)
+                            await self.peer.send_many(frames, within=rid)
                             sent_chunks += len(frames)
                             sent_bytes += sum(len(f.data) for f in frames)
                         if progress is not None:
@@ -294,8 +296,12 @@ class Client:
             digest = format_digest(batcher.sha.digest()) if batcher.size else EMPTY_DIGEST
             if expected_digest is not None and digest != expected_digest:
                 raise DigestMismatch(expected_digest, digest)
-            await self.peer.send(casproto.PushEnd(rid, batcher.size, digest))
+            await self.peer.send(casproto.PushEnd(rid, batcher.size, digest), within=rid)
             done = await self._reply(replies)
+        except RequestEnded:
+            # The server ended the push while we sent: its ERROR is among the replies.
+            while True:
+                await self._reply(replies)
         finally:
             self._close(rid)
         return TransferResult(
@@ -383,7 +389,9 @@ class Client:
         ]
         try:
             await self.peer.send(casproto.PushBegin(rid, name))
-            await self.peer.send_many([casproto.PushRecipe(rid, i, s) for i, s in batches])
+            await self.peer.send_many(
+                [casproto.PushRecipe(rid, i, s) for i, s in batches], within=rid
+            )
             for ids, sizes in batches:
                 want = await self._reply(replies)
                 if not isinstance(want, casproto.PushWant):
@@ -402,14 +410,18 @@ class Client:
                         else casproto.Chunk(rid, c.id, casproto.Codec.RAW, c.data)
                         for c in chunks
                     ]
-                    await self.peer.send_many(frames)
+                    await self.peer.send_many(frames, within=rid)
                     sent_chunks += len(frames)
                     sent_bytes += sum(len(f.data) for f in frames)
                     raw_bytes += sum(len(c.data) for c in chunks)
 
                 await src.fetch_chunks(need, forward)
-            await self.peer.send(casproto.PushEnd(rid, recipe.size, recipe.digest))
+            await self.peer.send(casproto.PushEnd(rid, recipe.size, recipe.digest), within=rid)
             done = await self._reply(replies)
+        except RequestEnded:
+            # The server ended the push while we sent: its ERROR is among the replies.
+            while True:
+                await self._reply(replies)
         finally:
             self._close(rid)
         return TransferResult(

@@ -127,5 +127,9 @@ class UpstreamError(PeerError):
         self.code = code
 
 
+class Forbidden(CasdError):
+    """The client's token does not grant what its request needs."""
+
+
 class UserError(CasdError):
     """A mistake in how casctl was invoked; printed as one line, exit status 1."""

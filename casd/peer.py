@@ -22,6 +22,10 @@ RECV_SIZE = 256 * 1024
 COALESCE_BYTES = 1024 * 1024
 
 
+class RequestEnded(Exception):
+    """The peer ended a request while we still had frames to send for it."""
+
+
 class PeerConnection:
     """One protocol connection over one stream."""
 
@@ -37,13 +41,20 @@ class PeerConnection:
     def wire_bytes(self) -> int:
         return self.bytes_sent + self.bytes_received
 
-    async def send(self, message: casproto.Message) -> None:
-        await self.send_many((message,))
+    async def send(self, message: casproto.Message, *, within: int | None = None) -> None:
+        await self.send_many((message,), within=within)
 
-    async def send_many(self, messages: Sequence[casproto.Message]) -> None:
+    async def send_many(
+        self, messages: Sequence[casproto.Message], *, within: int | None = None
+    ) -> None:
         """Send frames in order, as few writes as possible.
 
+        ``within`` names a request these frames continue (a push): if the peer has ended
+        it meanwhile (its ERROR crossed our frames), RequestEnded is raised instead of
+        sending out of turn, and the caller reads the peer's answer.
+
         Raises:
+            RequestEnded: the request ``within`` names is no longer open.
             PeerGone: the stream broke or was closed.
             casproto.LocalProtocolError: we tried to send something out of turn (a bug).
         """
@@ -51,6 +62,10 @@ class PeerConnection:
             out: list[bytes] = []
             size = 0
             for m in messages:
+                if within is not None and within not in self.conn.open_requests:
+                    if out:
+                        await self._write(out, size)
+                    raise RequestEnded(within)
                 frame = self.conn.send(m)
                 out.append(frame)
                 size += len(frame)

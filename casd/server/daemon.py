@@ -15,12 +15,13 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
 from casd import __version__
+from casd.auth import Scope, TokenTable, parse_token_lines
 from casd.chunking import ChunkerParams
 from casd.errors import CasdError, ConfigError
 from casd.nursery import open_nursery
@@ -45,7 +46,7 @@ class ServeConfig:
     data: str
     host: str
     port: int
-    tokens: frozenset[str] = frozenset()
+    tokens: TokenTable = field(default_factory=TokenTable)
     insecure: bool = False
     level: int = 3
     grace: float = 10.0
@@ -96,17 +97,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_tokens(tokens: Sequence[str], token_file: str | None) -> frozenset[str]:
-    out = {t for t in tokens if t}
+def load_tokens(tokens: Sequence[str], token_file: str | None) -> TokenTable:
+    """Tokens from --token (admin), CASD_TOKEN (admin) and a token file (with scopes)."""
+    pairs = [(t, Scope.ADMIN) for t in tokens if t]
     if env := os.environ.get("CASD_TOKEN"):
-        out.add(env)
+        pairs.append((env, Scope.ADMIN))
     if token_file:
         try:
             with open(token_file) as f:
-                out.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
+                text = f.read()
         except OSError as exc:
             raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from exc
-    return frozenset(out)
+        pairs.extend(parse_token_lines(text, token_file))
+    return TokenTable.build(pairs)
 
 
 async def serve(
@@ -211,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="accept clients presenting this token (repeatable; also CASD_TOKEN)",
     )
-    s.add_argument("--token-file", help="file with one accepted token per line")
+    s.add_argument(
+        "--token-file",
+        help="file of accepted tokens, one per line: TOKEN [read|write|admin] "
+        "(admin when no scope is given; read: get/stat/ls; write: also put/tag/rm/sync)",
+    )
     s.add_argument(
         "--insecure",
         action="store_true",

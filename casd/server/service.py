@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from casproto import ErrorCode
 
 from casd import __version__, zstd
 from casd import ingest as ingest_mod
+from casd.auth import Scope, TokenTable, required_scope
 from casd.client import VerifiedChunk, open_client
 from casd.errors import (
     BlobMissing,
@@ -30,6 +30,7 @@ from casd.errors import (
     ChunkCorrupt,
     ChunkMissing,
     ConfigError,
+    Forbidden,
     InvalidRef,
     NoSpace,
     PeerError,
@@ -95,7 +96,7 @@ class ServerContext:
     """What every connection handler shares."""
 
     store: Store
-    tokens: frozenset[str] = frozenset()
+    tokens: TokenTable = field(default_factory=TokenTable)
     stats: ServerStats = field(default_factory=ServerStats)
     # Bounds the worker threads all connections may occupy with store calls at once.
     limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
@@ -108,6 +109,8 @@ def error_code_for(exc: BaseException) -> ErrorCode:
     """The protocol error code that tells a client what went wrong with its request."""
     if isinstance(exc, UpstreamError):
         return ErrorCode(exc.code)
+    if isinstance(exc, Forbidden):
+        return ErrorCode.FORBIDDEN
     if isinstance(exc, (BlobMissing, ChunkMissing)):
         return ErrorCode.NOT_FOUND
     if isinstance(exc, InvalidRef):
@@ -171,6 +174,7 @@ class Session:
         self.ctx = ctx
         self.peer = peer
         self.features: frozenset[str] = frozenset()
+        self.scope = Scope.READ
         self._requests: dict[int, _Request] = {}
         self._wants = _Turnstile()
 
@@ -209,7 +213,8 @@ class Session:
                 f"this server speaks protocol version {casproto.PROTOCOL_VERSION}",
             )
             return False
-        if self.ctx.tokens and not _token_ok(hello.token, self.ctx.tokens):
+        scope = self.ctx.tokens.scope_of(hello.token)
+        if scope is None:
             log.warning("%s: refused: bad or missing token", self.peer.ident)
             await self._send_fatal(
                 ErrorCode.UNAUTHORIZED,
@@ -218,6 +223,7 @@ class Session:
                 else "token refused",
             )
             return False
+        self.scope = scope
         self.features = FEATURES & frozenset(hello.features)
         params = getattr(self.ctx.store, "params", None)
         chunker = params.to_dict() if params is not None else {}
@@ -255,6 +261,16 @@ class Session:
             if isinstance(ev, casproto.Error) and rid == 0:
                 log.info("%s: client error: %s", self.peer.ident, ev.message)
                 return
+            if (
+                kind in handlers
+                or kind is casproto.PushBegin
+                or kind is casproto.Want
+                or (kind is casproto.WantDelta)
+            ):
+                needed = required_scope(ev)
+                if needed > self.scope:
+                    self._start(nursery, rid, self._forbidden, ev, needed)
+                    continue
             if kind is casproto.Want or kind is casproto.WantDelta:
                 self._start(nursery, rid, self._want, ev, self._wants.ticket())
             elif kind in handlers:
@@ -306,6 +322,12 @@ class Session:
         if code is not None:
             self.ctx.stats.errors += 1
             await self.peer.send(casproto.Error(rid, code, message))
+
+    async def _forbidden(self, ev: casproto.Message, needed: Scope) -> None:
+        raise Forbidden(
+            f"{type(ev).__name__} needs a {needed.name.lower()} token; this connection's "
+            f"token grants {self.scope.name.lower()}"
+        )
 
     # --- simple requests -----------------------------------------------------------
 
@@ -594,15 +616,6 @@ class Session:
             except trio.EndOfChannel:
                 return None
             await to_store.send(ingest.take_batch())
-
-
-def _token_ok(given: str | None, tokens: frozenset[str]) -> bool:
-    if given is None:
-        return False
-    ok = False
-    for t in tokens:  # compare against every token: timing does not reveal which matched
-        ok |= hmac.compare_digest(given.encode(), t.encode())
-    return ok
 
 
 async def handle_stream(ctx: ServerContext, stream: trio.SocketStream) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,25 @@ def test_kill_9_mid_push_keeps_earlier_blobs_and_hides_the_partial_one(
     assert [e["name"] for e in ok(casctl(d, "ls", "--json")).json] == ["early"]
     assert ok(casctl(d, "stats", "--json")).json["store_blobs"] == 1
     assert casctl(d, "stat", "partial").code == 1
+
+
+def test_token_scopes_limit_what_a_client_may_do(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# token scope\nreader read\nwriter write\nboss admin\nplain\n")
+    d = make_daemon("scoped", "--token-file", str(tokens))
+    ok(casctl(d, "put", "-", "--name", "x", "--token", "writer", input=b"data" * 1000))
+    ok(casctl(d, "get", "x", "--token", "reader"))
+    ok(casctl(d, "ls", "--token", "reader"))
+    r = casctl(d, "put", "-", "--name", "y", "--token", "reader", input=b"nope")
+    assert r.code == 1
+    assert "FORBIDDEN" in r.err
+    assert "needs a write token" in r.err
+    r = casctl(d, "rm", "x", "--token", "reader")
+    assert r.code == 1
+    assert "FORBIDDEN" in r.err
+    assert casctl(d, "fsck", "--token", "writer").code == 1
+    ok(casctl(d, "fsck", "--token", "boss"))
+    ok(casctl(d, "fsck", "--token", "plain"))  # no scope given: admin
+    assert [e["name"] for e in ok(casctl(d, "ls", "--json", "--token", "reader")).json] == ["x"]

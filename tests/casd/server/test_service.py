@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from casd.auth import Scope, TokenTable
 from casd.chunking import Chunker, chunk_id, format_digest
 from casd.client import Client, open_client_on_stream
 from casd.errors import NoSpace, PeerError, PeerRefused
@@ -32,7 +33,7 @@ async def serving(
     """A server Session on one end of an in-memory stream; yields the other end, and the
     cancel scope of the server alone (cancelling it makes the server vanish)."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    ctx = ServerContext(store=store, tokens=tokens)
+    ctx = ServerContext(store=store, tokens=TokenTable.build([(t, Scope.ADMIN) for t in tokens]))
     server_scope = trio.CancelScope()
 
     async def run_server() -> None:
