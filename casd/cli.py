@@ -289,15 +289,15 @@ async def cmd_sync(args: argparse.Namespace) -> int:
             from casd.replicate import relay_sync, resolve_names
 
             async with (
-                open_client(args.src, token=src_token) as src,
-                open_client(args.dst, token=dst_token) as dst,
+                open_client(args.src, token=src_token, tls_ca=args.tls_ca) as src,
+                open_client(args.dst, token=dst_token, tls_ca=args.tls_ca) as dst,
             ):
                 pairs = await resolve_names(src, args.names, args.all)
                 rep = await relay_sync(src, dst, pairs, dry_run=args.dry_run)
                 rep.wire_bytes = src.peer.wire_bytes + dst.peer.wire_bytes
                 report, items = rep.as_dict(), rep.items
         else:
-            async with open_client(args.dst, token=dst_token) as dst:
+            async with open_client(args.dst, token=dst_token, tls_ca=args.tls_ca) as dst:
                 done = await dst.sync_from(
                     args.src,
                     token=src_token,
@@ -367,6 +367,12 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
         "--token",
         default=d(os.environ.get("CASD_TOKEN")),
         help="access token, if the server requires one (default: $CASD_TOKEN)",
+    )
+    common.add_argument(
+        "--tls-ca",
+        default=d(os.environ.get("CASD_TLS_CA")),
+        metavar="PEM",
+        help="CAs to trust for tls://HOST:PORT servers (default: $CASD_TLS_CA, else the system's)",
     )
     common.add_argument(
         "-q",
@@ -502,7 +508,9 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command == "sync":
         return await cmd_sync(args)
     compress = not getattr(args, "no_compress", False)
-    async with open_client(args.server, token=args.token, compress=compress) as client:
+    async with open_client(
+        args.server, token=args.token, compress=compress, tls_ca=args.tls_ca
+    ) as client:
         return await COMMANDS[args.command](client, args)
 
 

@@ -774,20 +774,30 @@ class _Assembler:
 
 @asynccontextmanager
 async def open_client(
-    address: str, *, token: str | None = None, compress: bool = True
+    address: str,
+    *,
+    token: str | None = None,
+    compress: bool = True,
+    tls_ca: str | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a casd server and handshake.
 
+    ``tls://HOST:PORT`` connects with TLS, checking the server's certificate against
+    ``tls_ca`` (a PEM file; default: $CASD_TLS_CA, else the system's CAs).
+
     Raises:
-        PeerError: the server cannot be reached or speaks no casd protocol.
+        PeerError: the server cannot be reached, fails TLS, or speaks no casd protocol.
         PeerRefused: the server refused the connection (token, version).
     """
     from casd.server.daemon import parse_hostport
 
-    host, port = parse_hostport(address)
+    use_tls = address.startswith("tls://")
+    host, port = parse_hostport(address.removeprefix("tls://"))
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            stream = await trio.open_tcp_stream(host, port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            if use_tls:
+                stream = await _tls_handshake(stream, host, address, tls_ca)
     except trio.TooSlowError:
         raise PeerError(f"cannot connect to casd at {address}: timed out") from None
     except OSError as exc:
@@ -796,6 +806,30 @@ async def open_client(
         raise err from exc
     async with open_client_on_stream(stream, address, token=token, compress=compress) as c:
         yield c
+
+
+async def _tls_handshake(
+    tcp: trio.abc.Stream, host: str, address: str, tls_ca: str | None
+) -> trio.SSLStream[trio.abc.Stream]:
+    import ssl
+
+    cafile = tls_ca or os.environ.get("CASD_TLS_CA") or None
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS CA file {cafile}: {exc}") from exc
+    stream = trio.SSLStream(tcp, context, server_hostname=host)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await tcp.aclose()
+        err = PeerError(f"TLS with casd at {address} failed: {exc.__cause__ or exc}")
+        err.hint = (
+            "check that the server runs with --tls-cert, and pass its CA with --tls-ca "
+            "or CASD_TLS_CA"
+        )
+        raise err from exc
+    return stream
 
 
 @asynccontextmanager
@@ -824,7 +858,10 @@ async def open_client_on_stream(
         if isinstance(ev, casproto.Error):
             raise _refused(ev)
         if not isinstance(ev, casproto.Welcome):
-            raise PeerGone(f"{address} closed the connection during the handshake")
+            err = PeerGone(f"{address} closed the connection during the handshake")
+            if not address.startswith("tls://"):
+                err.hint = "if the server runs with --tls-cert, connect to tls://HOST:PORT"
+            raise err
         client = Client(peer, ev, compress)
         async with open_nursery() as nursery:
             nursery.start_soon(client._read_loop)

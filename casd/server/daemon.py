@@ -13,10 +13,12 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -50,6 +52,9 @@ class ServeConfig:
     insecure: bool = False
     level: int = 3
     grace: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     # None: an existing store keeps its own; a new one gets the defaults.
     chunker: ChunkerParams | None = None
 
@@ -71,6 +76,20 @@ def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, in
     if not (0 <= port <= 65535) or not host:
         raise ConfigError(f"bad address {text!r}: expected HOST:PORT")
     return host, port
+
+
+def server_tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    """TLS for incoming connections, from PEM files.
+
+    Raises:
+        ConfigError: the files cannot be read or do not match.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from exc
+    return context
 
 
 def parse_chunker(text: str) -> ChunkerParams:
@@ -131,9 +150,13 @@ async def serve(
         partial(DiskStore, config.data, level=config.level, params=config.chunker)
     )
     try:
-        ctx = ServerContext(store=store, tokens=config.tokens)
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-        bound = [lst.socket.getsockname()[:2] for lst in listeners]
+        ctx = ServerContext(store=store, tokens=config.tokens, tls_ca=config.tls_ca)
+        tcp_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        bound = [lst.socket.getsockname()[:2] for lst in tcp_listeners]
+        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+        if config.tls_cert:
+            context = server_tls_context(config.tls_cert, config.tls_key)
+            listeners = [trio.SSLListener(lst, context) for lst in tcp_listeners]
         stop = trio.Event()
         async with open_nursery() as outer:
             handlers = await outer.start(_run_handlers, stop)
@@ -232,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="zstd level for chunks at rest, 0 to store raw (default: %(default)s)",
     )
     s.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve TLS with this certificate (chain); see README for making one",
+    )
+    s.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (if separate)")
+    s.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CAs to trust for this daemon's own connections to tls:// sync and "
+        "repair sources (default: $CASD_TLS_CA, else the system's)",
+    )
+    s.add_argument(
         "--chunker",
         metavar="MIN:AVG:MAX",
         help="chunk sizes in bytes for a NEW store (default 16384:65536:262144); an existing "
@@ -297,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=args.compress_level,
             grace=args.grace,
             chunker=chunker,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
         )
         trio.run(serve, config)
     except CasdError as exc:

@@ -97,6 +97,8 @@ class ServerContext:
 
     store: Store
     tokens: TokenTable = field(default_factory=TokenTable)
+    # CA file for this daemon's own outgoing TLS connections (sync and repair sources).
+    tls_ca: str | None = None
     stats: ServerStats = field(default_factory=ServerStats)
     # Bounds the worker threads all connections may occupy with store calls at once.
     limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
@@ -472,7 +474,7 @@ class Session:
             wanted = {**result.damaged, **result.missing}
             source = ev.repair_from
             try:
-                async with open_client(source, token=ev.token) as peer:
+                async with open_client(source, token=ev.token, tls_ca=self.ctx.tls_ca) as peer:
                     ids = list(wanted)
                     have = await peer.has(ids)
                     need = [(cid, wanted[cid]) for cid, ok in zip(ids, have, strict=True) if ok]
@@ -508,7 +510,7 @@ class Session:
 
         source = ev.source
         try:
-            async with open_client(source, token=ev.token) as src:
+            async with open_client(source, token=ev.token, tls_ca=self.ctx.tls_ca) as src:
                 pairs = await resolve_names(src, list(ev.names), ev.all)
                 report = await sync_into_store(
                     src,
@@ -618,12 +620,13 @@ class Session:
             await to_store.send(ingest.take_batch())
 
 
-async def handle_stream(ctx: ServerContext, stream: trio.SocketStream) -> None:
-    """serve_listeners handler: one connection from accept to close."""
+async def handle_stream(ctx: ServerContext, stream: trio.abc.Stream) -> None:
+    """serve_listeners handler: one connection (TCP or TLS) from accept to close."""
+    tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
     try:
-        host, port = stream.socket.getpeername()[:2]
+        host, port = tcp.socket.getpeername()[:2]  # type: ignore[union-attr]
         ident = f"{host}:{port}"
-    except OSError:
+    except (OSError, AttributeError):
         ident = "?"
     peer = PeerConnection(stream, casproto.Role.SERVER, ident)
     ctx.stats.connections += 1
