@@ -23,6 +23,10 @@ from casd.storage.interface import ChunkIn, Codec, Recipe, Store
 # that cost under 5 % at 1 GB/s, while an interrupted push loses at most 8 MiB.
 FLUSH_BYTES = 8 * 1024 * 1024
 
+# SPEC §4: a chunk decodes to at most 16 MiB. A larger recipe size would let a zstd frame
+# declaring that size make us allocate it (a decompression bomb: 4 bytes per 128 KiB).
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
@@ -81,6 +85,8 @@ class BlobIngest:
         already holds it. May run in a worker thread while :meth:`store_batch` runs in
         another: it only appends to what that one reads.
         """
+        if sizes and max(sizes) > MAX_CHUNK_SIZE:
+            raise IngestError(f"a recipe entry of {max(sizes)} bytes exceeds {MAX_CHUNK_SIZE}")
         have = self._store.has_chunks(ids)
         wanted: list[bool] = []
         base = len(self._ids)

@@ -18,6 +18,9 @@ from casd.errors import PeerGone
 # GB/s rates while bounding what a connection holds in its receive buffer.
 RECV_SIZE = 256 * 1024
 
+# A write that makes no progress for this long means the peer stopped reading.
+SEND_TIMEOUT_S = 120.0
+
 # Frames are gathered into writes of at least this size before send_all.
 COALESCE_BYTES = 1024 * 1024
 
@@ -59,6 +62,8 @@ class PeerConnection:
             casproto.LocalProtocolError: we tried to send something out of turn (a bug).
         """
         async with self._send_lock:
+            if self.conn.our_state is casproto.ConnState.ERROR:  # another task's write failed
+                raise PeerGone(f"connection to {self.ident} broke in an earlier write")
             out: list[bytes] = []
             size = 0
             for m in messages:
@@ -78,11 +83,19 @@ class PeerConnection:
     async def _write(self, frames: list[bytes], size: int) -> None:
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         try:
-            await self.stream.send_all(data)
-        except BaseException as exc:  # includes Cancelled mid-frame: the stream is now unusable
+            # Not cancellable: these frames are already recorded as sent, and cancelling one
+            # request (CANCEL) must not tear a frame and break the stream for every other
+            # request. SEND_TIMEOUT_S bounds the write instead.
+            with trio.CancelScope(shield=True), trio.fail_after(SEND_TIMEOUT_S):
+                await self.stream.send_all(data)
+        except BaseException as exc:  # the stream may hold part of a frame: it is unusable
             self.conn.send_failed()
             if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
                 raise PeerGone(f"connection to {self.ident} broke while sending") from exc
+            if isinstance(exc, trio.TooSlowError):
+                raise PeerGone(
+                    f"{self.ident} read nothing for {SEND_TIMEOUT_S:.0f} s; giving up on it"
+                ) from exc
             raise
         self.bytes_sent += size
 

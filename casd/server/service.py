@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,21 @@ RECIPE_BATCH = casproto.MAX_BATCH
 # A push whose stream pauses this long gets its buffered chunks stored right away.
 IDLE_FLUSH_S = 0.2
 
+# A push whose client sends nothing for this long is ended (its chunks stay stored).
+PUSH_STALL_S = 120.0
+
+# A connection with no request open and nothing received for this long is closed.
+IDLE_TIMEOUT_S = 600.0
+
+# WANT requests that may read chunks ahead while earlier ones send: each holds at most
+# two SERVE_BATCH batches (2 x 64 x 256 KiB), so ~48 MiB per connection at worst.
+WANT_READ_AHEAD = 2
+
+# Requests one connection may have open at once, and pushes the daemon runs at once;
+# beyond that the request is refused with BUSY (the client retries later).
+MAX_REQUESTS_PER_CONNECTION = 1024
+MAX_PUSHES = 128
+
 # How long a connection may take to say HELLO before it is dropped.
 HELLO_TIMEOUT = 30.0
 
@@ -97,6 +113,7 @@ class ServerContext:
 
     store: Store
     tokens: TokenTable = field(default_factory=TokenTable)
+    pushes_running: int = 0
     # CA file for this daemon's own outgoing TLS connections (sync and repair sources).
     tls_ca: str | None = None
     stats: ServerStats = field(default_factory=ServerStats)
@@ -113,6 +130,10 @@ def error_code_for(exc: BaseException) -> ErrorCode:
         return ErrorCode(exc.code)
     if isinstance(exc, Forbidden):
         return ErrorCode.FORBIDDEN
+    if isinstance(exc, Busy):
+        return ErrorCode.BUSY
+    if isinstance(exc, Stalled):
+        return ErrorCode.CANCELLED
     if isinstance(exc, (BlobMissing, ChunkMissing)):
         return ErrorCode.NOT_FOUND
     if isinstance(exc, InvalidRef):
@@ -124,6 +145,14 @@ def error_code_for(exc: BaseException) -> ErrorCode:
     if isinstance(exc, NoSpace):
         return ErrorCode.NO_SPACE
     return ErrorCode.INTERNAL
+
+
+class Busy(CasdError):
+    """The daemon refuses more work for now (BUSY)."""
+
+
+class Stalled(CasdError):
+    """A client stopped sending in the middle of a request."""
 
 
 class _Turnstile:
@@ -145,9 +174,10 @@ class _Turnstile:
         self._issued += 1
         return self._issued - 1
 
-    async def wait(self, ticket: int) -> None:
+    async def wait(self, ticket: int, ahead: int = 0) -> None:
+        """Wait until ``ticket`` is at most ``ahead`` turns away."""
         async with self._changed:
-            while self._serving != ticket:
+            while ticket - self._serving > ahead:
                 await self._changed.wait()
 
     async def done(self, ticket: int) -> None:
@@ -206,8 +236,8 @@ class Session:
         if hello is None:
             log.info("%s: no HELLO within %ss", self.peer.ident, HELLO_TIMEOUT)
             return False
-        if hello is casproto.CLOSED:
-            return False
+        if hello is casproto.CLOSED or isinstance(hello, casproto.Error):
+            return False  # gone, or ERROR(0) before HELLO (allowed in any state): it gave up
         assert isinstance(hello, casproto.Hello)  # the state machine allows nothing else
         if hello.version != casproto.PROTOCOL_VERSION:
             await self._send_fatal(
@@ -254,7 +284,12 @@ class Session:
             casproto.Fsck: self._fsck,
         }
         while True:
-            ev = await self.peer.next_event()
+            ev = None
+            with trio.move_on_after(IDLE_TIMEOUT_S if not self._requests else math.inf):
+                ev = await self.peer.next_event()
+            if ev is None:
+                log.info("%s: idle for %.0f s; closing", self.peer.ident, IDLE_TIMEOUT_S)
+                return
             if ev is casproto.CLOSED:
                 return
             assert isinstance(ev, casproto.Message)
@@ -273,6 +308,12 @@ class Session:
                 if needed > self.scope:
                     self._start(nursery, rid, self._forbidden, ev, needed)
                     continue
+                busy = len(self._requests) >= MAX_REQUESTS_PER_CONNECTION or (
+                    kind is casproto.PushBegin and self.ctx.pushes_running >= MAX_PUSHES
+                )
+                if busy:
+                    self._start(nursery, rid, self._busy, ev)
+                    continue
             if kind is casproto.Want or kind is casproto.WantDelta:
                 self._start(nursery, rid, self._want, ev, self._wants.ticket())
             elif kind in handlers:
@@ -287,7 +328,10 @@ class Session:
             else:
                 push = self._requests.get(rid)
                 if push is not None and push.queue is not None:
-                    await push.queue.send(ev)
+                    # The push may have just ended (an error) and closed its queue: then
+                    # this frame crossed its end on the wire and is dropped.
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await push.queue.send(ev)
                 # else: a frame for a push we already ended; the protocol allows it in flight
 
     def _start(
@@ -320,10 +364,15 @@ class Session:
             log.exception("%s: request %d crashed", self.peer.ident, rid)
             code, message = ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"
         finally:
-            self._requests.pop(rid, None)
-        if code is not None:
+            if self._requests.get(rid) is req:  # the client may reuse rid once it saw the end
+                del self._requests[rid]
+        # No ERROR once the request's terminal frame went out (a CANCEL crossed it).
+        if code is not None and rid in self.peer.conn.open_requests:
             self.ctx.stats.errors += 1
             await self.peer.send(casproto.Error(rid, code, message))
+
+    async def _busy(self, ev: casproto.Message) -> None:
+        raise Busy(f"too much work in flight; retry {type(ev).__name__} later")
 
     async def _forbidden(self, ev: casproto.Message, needed: Scope) -> None:
         raise Forbidden(
@@ -430,6 +479,9 @@ class Session:
         send, recv = trio.open_memory_channel[list[casproto.Chunk]](1)
 
         async def produce() -> None:
+            # Only the WANTs next in line read ahead: a client with a thousand WANTs open
+            # does not make the server hold a thousand batches in memory.
+            await self._wants.wait(ticket, ahead=WANT_READ_AHEAD)
             async with send:
                 for i in range(0, len(ev.ids), SERVE_BATCH):
                     end = min(i + SERVE_BATCH, len(ev.ids))
@@ -456,7 +508,10 @@ class Session:
             return frame
         prefix = b"".join(store.get_chunk(b) for b in bases)
         raw = decode_stored(stored.id, stored.codec, stored.payload, stored.raw_size)
-        delta = zstd.compress_with_prefix(raw, prefix, DELTA_LEVEL)
+        try:
+            delta = zstd.compress_with_prefix(raw, prefix, DELTA_LEVEL)
+        except ValueError:  # zstd takes no prefix under 8 bytes: send the chunk as it is
+            return frame
         self.ctx.stats.delta_candidates += 1
         if len(delta) >= len(frame.data):
             return frame
@@ -535,6 +590,7 @@ class Session:
     ) -> None:
         ingest = BlobIngest(self.ctx.store, ev.name)
         self.ctx.stats.pushes += 1
+        self.ctx.pushes_running += 1
         # One storer task writes batches in order while this task keeps taking frames:
         # receiving, and decoding/verifying/writing, overlap. The channel holds one batch,
         # so at most ~3 x FLUSH_BYTES of a push are in memory.
@@ -569,6 +625,7 @@ class Session:
             # Every batch is stored now (the storer finished with the nursery).
             result = await self.ctx.run(ingest.finish, msg.size, msg.digest)
         finally:
+            self.ctx.pushes_running -= 1
             if ingest.pending_bytes:
                 # Chunks that arrived stay durable even when the push does not finish, so
                 # a retry sends none of them again. Each is verified on the way in.
@@ -609,14 +666,18 @@ class Session:
     ) -> casproto.Message | None:
         # While chunks wait in memory, a pause in the stream makes them durable at once:
         # a stalled or slow client never has more than IDLE_FLUSH_S of work at risk.
+        stalled_at = trio.current_time() + PUSH_STALL_S
         while True:
             try:
-                if not ingest.pending_bytes:
-                    return await queue.receive()
-                with trio.move_on_after(IDLE_FLUSH_S):
-                    return await queue.receive()
+                with trio.move_on_at(stalled_at):
+                    if not ingest.pending_bytes:
+                        return await queue.receive()
+                    with trio.move_on_after(IDLE_FLUSH_S):
+                        return await queue.receive()
             except trio.EndOfChannel:
                 return None
+            if trio.current_time() >= stalled_at:
+                raise Stalled(f"the push sent nothing for {PUSH_STALL_S:.0f} s")
             await to_store.send(ingest.take_batch())
 
 
