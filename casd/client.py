@@ -34,6 +34,7 @@ from casd.errors import (
     PeerGone,
     PeerRefused,
 )
+from casd.ingest import MAX_CHUNK_SIZE
 from casd.nursery import open_nursery
 from casd.peer import PeerConnection, RequestEnded
 
@@ -356,6 +357,13 @@ class Client:
             await self.peer.send(casproto.Pull(rid, ref))
             while True:
                 part = await self._reply(recv)
+                # Sizes bound what decoding a chunk may allocate: a server that claims
+                # chunks beyond the protocol's limit is lying (a decompression bomb).
+                if part.sizes and max(part.sizes) > MAX_CHUNK_SIZE:
+                    raise PeerError(
+                        f"{self.peer.ident} sent a recipe with a {max(part.sizes)}-byte chunk; "
+                        f"chunks are at most {MAX_CHUNK_SIZE} bytes"
+                    )
                 ids.extend(part.ids)
                 sizes.extend(part.sizes)
                 if part.last:
