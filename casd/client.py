@@ -18,7 +18,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import casproto
 import trio
@@ -300,9 +300,7 @@ class Client:
             await self.peer.send(casproto.PushEnd(rid, batcher.size, digest), within=rid)
             done = await self._reply(replies)
         except RequestEnded:
-            # The server ended the push while we sent: its ERROR is among the replies.
-            while True:
-                await self._reply(replies)
+            await self._raise_push_error(replies)
         finally:
             self._close(rid)
         return TransferResult(
@@ -373,6 +371,14 @@ class Client:
         finally:
             self._close(rid)
 
+    async def _raise_push_error(
+        self, replies: trio.MemoryReceiveChannel[casproto.Message]
+    ) -> NoReturn:
+        # The server ended a push while we were still sending: its ERROR is among the
+        # replies, after any PUSH_WANTs that crossed it.
+        while True:
+            await self._reply(replies)
+
     async def push_recipe_from(
         self, src: Client, recipe: casproto.Recipe, *, name: str | None = None
     ) -> TransferResult:
@@ -427,9 +433,7 @@ class Client:
             await self.peer.send(casproto.PushEnd(rid, recipe.size, recipe.digest), within=rid)
             done = await self._reply(replies)
         except RequestEnded:
-            # The server ended the push while we sent: its ERROR is among the replies.
-            while True:
-                await self._reply(replies)
+            await self._raise_push_error(replies)
         finally:
             self._close(rid)
         return TransferResult(

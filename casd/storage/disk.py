@@ -230,12 +230,7 @@ class DiskStore:
             records = [r for r, have in zip(todo.values(), still, strict=True) if not have]
             if not records:
                 return PutResult()
-            writer = self._current_writer()
-            try:
-                locs = writer.append(records)
-            except BaseException:
-                self._abandon_writer()
-                raise
+            writer, locs = self._append(records)
             raw = sum(r[2] for r in records)
             stored = sum(len(r[3]) for r in records)
             try:
@@ -249,6 +244,18 @@ class DiskStore:
             if writer.size >= PACK_TARGET:
                 self._abandon_writer()
         return PutResult(len(records), raw, stored)
+
+    def _append(
+        self, records: list[tuple[bytes, int, int, bytes]]
+    ) -> tuple[PackWriter, list[Location]]:
+        # Under the write lock. A failed append retires the pack: the next write starts
+        # a new one instead of writing after a partial record.
+        writer = self._current_writer()
+        try:
+            return writer, writer.append(records)
+        except BaseException:
+            self._abandon_writer()
+            raise
 
     def _add_counter(self, txn: Any, key: bytes, delta: int) -> None:
         old = txn.get(key, db=self._meta)
@@ -406,12 +413,7 @@ class DiskStore:
             return 0
         with self._write_lock:
             self._check_open()
-            writer = self._current_writer()
-            try:
-                locs = writer.append(records)
-            except BaseException:
-                self._abandon_writer()
-                raise
+            _, locs = self._append(records)
             try:
                 with self._env.begin(write=True) as txn:
                     for rec, loc in zip(records, locs, strict=True):
