@@ -303,15 +303,7 @@ class Client:
             await self._raise_push_error(replies)
         finally:
             self._close(rid)
-        return TransferResult(
-            digest=done.digest,
-            size=done.size,
-            chunks=done.chunks,
-            chunks_transferred=sent_chunks,
-            bytes_transferred=sent_bytes,
-            wire_bytes=self.peer.wire_bytes - wire_before,
-            new_chunks=done.new_chunks,
-        )
+        return self._push_result(done, sent_chunks, sent_bytes, wire_before)
 
     async def _encode_parallel(
         self, rid: int, batch: _Batch, idx: list[int]
@@ -370,6 +362,20 @@ class Client:
                     )
         finally:
             self._close(rid)
+
+    def _push_result(
+        self, done: casproto.PushDone, chunks: int, sent: int, wire_before: int, raw: int = 0
+    ) -> TransferResult:
+        return TransferResult(
+            digest=done.digest,
+            size=done.size,
+            chunks=done.chunks,
+            chunks_transferred=chunks,
+            bytes_transferred=sent,
+            wire_bytes=self.peer.wire_bytes - wire_before,
+            new_chunks=done.new_chunks,
+            raw_bytes_transferred=raw,
+        )
 
     async def _raise_push_error(
         self, replies: trio.MemoryReceiveChannel[casproto.Message]
@@ -436,16 +442,7 @@ class Client:
             await self._raise_push_error(replies)
         finally:
             self._close(rid)
-        return TransferResult(
-            digest=done.digest,
-            size=done.size,
-            chunks=done.chunks,
-            chunks_transferred=sent_chunks,
-            bytes_transferred=sent_bytes,
-            wire_bytes=self.peer.wire_bytes - wire_before,
-            new_chunks=done.new_chunks,
-            raw_bytes_transferred=raw_bytes,
-        )
+        return self._push_result(done, sent_chunks, sent_bytes, wire_before, raw_bytes)
 
     async def fetch_chunks(
         self,
