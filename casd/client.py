@@ -235,6 +235,31 @@ class Client:
         finally:
             self._close(rid)
 
+    async def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        *,
+        on_progress: Callable[[dict[str, int | float | str]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run the server's named operation ``op`` (SPEC §4.5) and return its result.
+
+        Raises:
+            PeerRefused: the server has no such operation (UNSUPPORTED), the token lacks
+                its scope, an argument was bad, or the operation failed.
+        """
+        rid, recv = self._open()
+        try:
+            await self.peer.send(casproto.Call(rid, op, dict(args or {})))
+            while True:
+                reply = await self._reply(recv)
+                if isinstance(reply, casproto.CallDone):
+                    return dict(reply.result)
+                if on_progress is not None:
+                    on_progress(reply.progress)
+        finally:
+            self._close(rid)
+
     # --- push --------------------------------------------------------------------------
 
     async def push(

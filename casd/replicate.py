@@ -83,7 +83,7 @@ class SyncReport:
         }
 
 
-class _Throttle:
+class Throttle:
     def __init__(self, send: Callable[[dict[str, int | float | str]], Awaitable[None]] | None):
         self._send = send
         self._last = 0.0
@@ -244,7 +244,7 @@ async def sync_into_store(
     """
     report = SyncReport(dry_run=dry_run)
     wire_before = src.peer.wire_bytes
-    progress = _Throttle(on_progress)
+    progress = Throttle(on_progress)
     local_names = dict(await run(store.list_names))
     held = await run(lambda: [store.has_blob(d) for _, d in pairs])
     # Recipes of the blobs to copy are fetched ahead, in order, while earlier blobs'
@@ -283,7 +283,7 @@ async def _copy_all(
     recipes: trio.MemoryReceiveChannel[casproto.Recipe],
     local_names: dict[str, str],
     report: SyncReport,
-    progress: _Throttle,
+    progress: Throttle,
     wire_before: int,
     dry_run: bool,
 ) -> None:
@@ -392,7 +392,7 @@ async def relay_sync(
     """
     report = SyncReport(dry_run=dry_run)
     wire_before = src.peer.wire_bytes + dst.peer.wire_bytes
-    progress = _Throttle(on_progress)
+    progress = Throttle(on_progress)
     dst_names = dict(await dst.list_names())
     for name, digest in pairs:
         report.blobs += 1

@@ -38,11 +38,13 @@ from casd.errors import (
     PeerGone,
     PeerRefused,
     UpstreamError,
+    UserError,
 )
 from casd.ingest import BlobIngest, IngestError, StoreBatch
 from casd.nursery import open_nursery
 from casd.peer import PeerConnection
-from casd.replicate import resolve_names, sync_into_store
+from casd.replicate import Throttle, resolve_names, sync_into_store
+from casd.server import ops
 from casd.storage._encode import decode_stored
 from casd.storage.interface import ChunkIn, Store, StoredChunk
 
@@ -144,6 +146,10 @@ def error_code_for(exc: BaseException) -> ErrorCode:
         return ErrorCode.CHUNK_CORRUPT
     if isinstance(exc, NoSpace):
         return ErrorCode.NO_SPACE
+    if isinstance(exc, ops.Unsupported):
+        return ErrorCode.UNSUPPORTED
+    if isinstance(exc, UserError):
+        return ErrorCode.INVALID
     return ErrorCode.INTERNAL
 
 
@@ -282,6 +288,7 @@ class Session:
             casproto.Pull: self._pull,
             casproto.Sync: self._sync,
             casproto.Fsck: self._fsck,
+            casproto.Call: self._call,
         }
         while True:
             ev = None
@@ -582,6 +589,25 @@ class Session:
             raise UpstreamError(f"source {source}: {exc}", int(ErrorCode.UNREACHABLE)) from exc
         log.info("%s: sync from %s: %s", self.peer.ident, source, report.as_dict())
         await self.peer.send(casproto.SyncDone(ev.rid, report.as_dict(), tuple(report.items)))
+
+    # --- calls: named operations (SPEC §4.5) -------------------------------------------
+
+    async def _call(self, ev: casproto.Call) -> None:
+        op = ops.lookup(ev.op)
+        if op is None:
+            known = ", ".join(sorted(ops.load_builtin()))
+            raise ops.Unsupported(f"this server has no operation {ev.op!r} (it has: {known})")
+        if op.scope > self.scope:
+            raise Forbidden(
+                f"{op.name} needs a {op.scope.name.lower()} token; this connection's "
+                f"token grants {self.scope.name.lower()}"
+            )
+        throttle = Throttle(
+            lambda progress: self.peer.send(casproto.CallProgress(ev.rid, progress))
+        )
+        result = await op.run(self.ctx, dict(ev.args), throttle)
+        log.info("%s: %s done", self.peer.ident, op.name)
+        await self.peer.send(casproto.CallDone(ev.rid, result))
 
     # --- push ------------------------------------------------------------------------
 

@@ -21,6 +21,9 @@ from ._errors import ErrorCode, LocalProtocolError
 from ._messages import (
     MESSAGE_CLASSES,
     BlobInfo,
+    Call,
+    CallDone,
+    CallProgress,
     Cancel,
     Chunk,
     Codec,
@@ -247,6 +250,33 @@ def _stats(value: object) -> object:
     return stats
 
 
+#: How deep CALL documents may nest: enough for a list of maps of lists, and a bound on
+#: the recursion a hostile frame can cause.
+MAX_DOC_DEPTH: Final = 8
+
+
+def _doc_value(value: object, depth: int) -> object:
+    kind = type(value)
+    if value is None or kind is bool or kind is float or kind is str or kind is bytes:
+        return value
+    if kind is int:
+        if not _MIN_INT <= value <= MAX_UINT:  # type: ignore[operator]
+            raise _FieldError(f"integer {value} does not fit a msgpack integer")
+        return value
+    if depth >= MAX_DOC_DEPTH:
+        raise _FieldError(f"document nests deeper than {MAX_DOC_DEPTH} levels")
+    if kind is tuple or kind is list:
+        return tuple(_doc_value(v, depth + 1) for v in value)  # type: ignore[attr-defined]
+    if kind is dict:
+        return {k: _doc_value(v, depth + 1) for k, v in _text_map(value).items()}
+    raise _FieldError(f"unexpected {_describe(value)} in a document")
+
+
+def _doc(value: object) -> object:
+    """A CALL argument or result: a string-keyed map of plain msgpack values."""
+    return {k: _doc_value(v, 1) for k, v in _text_map(value).items()}
+
+
 #: Most base chunks one WANT_DELTA entry may name: 8 x 256 KiB = a 2 MiB prefix at most,
 #: what zstd's level-3 window (2^21) still reaches.
 MAX_BASES: Final = 8
@@ -339,6 +369,9 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
     Fsck: (("deep", _flag), ("repair_from", _text_or_nil), ("token", _text_or_nil)),
     FsckDone: (("report", _stats), ("damaged", _chunk_ids)),
     SyncDone: (("report", _stats), ("items", _items)),
+    Call: (("op", _text), ("args", _doc)),
+    CallProgress: (("progress", _stats),),
+    CallDone: (("result", _doc),),
 }
 
 

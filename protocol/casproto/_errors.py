@@ -24,6 +24,7 @@ class ErrorCode(IntEnum):
     BUSY = 14
     SHUTTING_DOWN = 15
     UNREACHABLE = 16
+    UNSUPPORTED = 17
 
 
 class ProtocolError(Exception):

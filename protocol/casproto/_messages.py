@@ -340,6 +340,38 @@ class FsckDone(Message):
     damaged: tuple[bytes, ...]
 
 
+# --- extension calls (SPEC §4.5) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Message):
+    """C→S: run a named operation (``gc``, ``oci.import``, ...) with arguments.
+
+    Answered by any number of CALL_PROGRESS, then CALL_DONE. Operations are listed in
+    SPEC §4.5; a server answers an unknown one with ERROR(UNSUPPORTED).
+    """
+
+    TYPE: ClassVar[int] = 70
+    op: str
+    args: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class CallProgress(Message):
+    """S→C: counters of a running CALL. Not terminal."""
+
+    TYPE: ClassVar[int] = 71
+    progress: dict[str, int | float | str]
+
+
+@dataclass(frozen=True, slots=True)
+class CallDone(Message):
+    """S→C answer to CALL: the operation's result document. Terminal."""
+
+    TYPE: ClassVar[int] = 72
+    result: dict[str, object]
+
+
 #: Every concrete message class, in type-code order.
 MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Hello,
@@ -372,4 +404,7 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     SyncDone,
     Fsck,
     FsckDone,
+    Call,
+    CallProgress,
+    CallDone,
 )

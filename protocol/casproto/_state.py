@@ -23,6 +23,9 @@ from ._constants import MAX_FRAME, PROTOCOL_VERSION
 from ._errors import ErrorCode, LocalProtocolError
 from ._messages import (
     BlobInfo,
+    Call,
+    CallDone,
+    CallProgress,
     Cancel,
     Chunk,
     Codec,
@@ -92,6 +95,7 @@ _HANDSHAKE: Final[dict[tuple[Role, ConnState], dict[type[Message], ConnState]]] 
     (Role.SERVER, ConnState.AWAIT_WELCOME): {Welcome: ConnState.READY},
 }
 
+
 # Request level (SPEC §7): opening frame -> (what the client may send on its rid
 # afterwards, what the server may send). CANCEL from the client and ERROR from the
 # server may follow every one of them.
@@ -110,6 +114,7 @@ _FOLLOW_UPS: Final[
     PushBegin: (frozenset({PushRecipe, Chunk, PushEnd}), frozenset({PushWant, PushDone})),
     Sync: (frozenset(), frozenset({SyncProgress, SyncDone})),
     Fsck: (frozenset(), frozenset({FsckDone})),
+    Call: (frozenset(), frozenset({CallProgress, CallDone})),
 }
 
 
@@ -254,6 +259,15 @@ class _PushRequest(_Request):
         return not (self.ended or self.cancelled)
 
 
+class _CallRequest(_Request):
+    """CALL: any number of CALL_PROGRESS, then CALL_DONE."""
+
+    __slots__ = ()
+
+    def from_server(self, message: Message) -> bool:
+        return isinstance(message, CallDone)
+
+
 _STARTS: Final[dict[type[Message], type[_Request]]] = {
     Has: _HasRequest,
     Stat: _Request,
@@ -267,6 +281,7 @@ _STARTS: Final[dict[type[Message], type[_Request]]] = {
     PushBegin: _PushRequest,
     Sync: _SyncRequest,
     Fsck: _Request,
+    Call: _CallRequest,
 }
 assert _STARTS.keys() == _FOLLOW_UPS.keys()
 

@@ -25,6 +25,9 @@ from casproto import (
     MAX_FRAME,
     PROTOCOL_VERSION,
     BlobInfo,
+    Call,
+    CallDone,
+    CallProgress,
     Cancel,
     Chunk,
     Codec,
@@ -116,6 +119,11 @@ VECTORS: dict[str, Message] = {
     "sync_progress": SyncProgress(80, {"bytes_done": 1024, "bytes_total": 4096}),
     "sync_done": SyncDone(
         80, {"blobs": 1, "blobs_copied": 1, "seconds": 0.5}, (("release", DIGEST, "copied"),)
+    ),
+    "call": Call(100, "gc", {"dry_run": True, "grace_s": 3600}),
+    "call_progress": CallProgress(100, {"chunks_scanned": 512}),
+    "call_done": CallDone(
+        100, {"chunks_deleted": 2, "bytes_freed": 131072, "layers": ({"digest": DIGEST},)}
     ),
 }
 

@@ -16,6 +16,9 @@ from casproto import (
     NEED_DATA,
     PROTOCOL_VERSION,
     BlobInfo,
+    Call,
+    CallDone,
+    CallProgress,
     Cancel,
     Chunk,
     Codec,
@@ -157,6 +160,28 @@ name_entries = st.dictionaries(texts.filter(bool), texts, max_size=6).map(
     lambda names: tuple(sorted(names.items()))
 )
 
+
+def documents() -> st.SearchStrategy[dict[str, object]]:
+    """CALL documents: string-keyed maps of plain values, arrays as tuples (as decoded)."""
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+        | st.floats(allow_nan=False)
+        | st.text(max_size=20)
+        | st.binary(max_size=20)
+    )
+    values = st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=4).map(tuple)
+            | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=12,
+    )
+    return st.dictionaries(st.text(max_size=8), values, max_size=5)
+
+
 MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
     Hello: st.builds(Hello, rids, uints, text_tuples, st.none() | texts, texts),
     Welcome: st.builds(Welcome, rids, uints, text_tuples, texts, chunkers, uints),
@@ -213,6 +238,9 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
         st.dictionaries(texts, stat_values, max_size=6),
         st.lists(st.tuples(texts, texts, texts), max_size=4).map(tuple),
     ),
+    Call: st.builds(Call, rids, texts, documents()),
+    CallProgress: st.builds(CallProgress, rids, st.dictionaries(texts, stat_values, max_size=6)),
+    CallDone: st.builds(CallDone, rids, documents()),
 }
 assert MESSAGES.keys() == set(casproto.MESSAGE_CLASSES)
 

@@ -8,6 +8,9 @@ import pytest
 from casproto import (
     MESSAGE_CLASSES,
     BlobInfo,
+    Call,
+    CallDone,
+    CallProgress,
     Cancel,
     Chunk,
     Codec,
@@ -51,9 +54,9 @@ from hypothesis import strategies as st
 
 # The direction column of SPEC §3 and §4.
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
-CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync, Fsck}
+CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync, Fsck, Call}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
-SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone}
+SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone, CallProgress, CallDone}
 BOTH_SEND = {Chunk, Error}
 
 
@@ -92,6 +95,7 @@ def test_every_request_has_a_terminal_answer() -> None:
         PushDone,
         SyncDone,
         FsckDone,
+        CallDone,
     }
     for opener, (_, server_then) in _FOLLOW_UPS.items():
         assert server_then & terminal_capable, opener.__name__

@@ -1,0 +1,99 @@
+"""Named operations a client runs with CALL (SPEC §4.5): ``gc``, ``oci.import``, ...
+
+Each operation is an async function of the server context, its argument document and a
+progress callback, returning a result document. Modules that own an operation register
+it here with :func:`operation`; the daemon imports them through :func:`load_builtin`.
+The table, not the session code, says which scope each operation needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from casd.auth import Scope
+from casd.errors import UserError
+
+if TYPE_CHECKING:
+    from casd.server.service import ServerContext
+
+Progress = Callable[[dict[str, int | float | str]], Awaitable[None]]
+Document = dict[str, Any]
+Run = Callable[["ServerContext", Document, Progress], Awaitable[Document]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    scope: Scope
+    run: Run
+    summary: str
+
+
+OPERATIONS: dict[str, Operation] = {}
+
+# Modules whose import registers operations.
+_BUILTIN_MODULES = ("casd.gc", "casd.oci.ops")
+
+
+def operation(name: str, scope: Scope, summary: str) -> Callable[[Run], Run]:
+    """Register ``fn`` as the operation ``name``, which needs ``scope``."""
+
+    def register(fn: Run) -> Run:
+        if name in OPERATIONS:
+            raise RuntimeError(f"operation {name!r} registered twice")
+        OPERATIONS[name] = Operation(name, scope, fn, summary)
+        return fn
+
+    return register
+
+
+def load_builtin() -> dict[str, Operation]:
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a real import error inside the module
+                raise
+    return OPERATIONS
+
+
+def lookup(name: str) -> Operation | None:
+    return load_builtin().get(name)
+
+
+class Unsupported(UserError):
+    """The server has no operation of that name."""
+
+
+# --- argument helpers: turn a bad document into an error the user can act on ---------
+
+
+def arg_str(args: Document, key: str, default: str | None = None) -> str:
+    value = args.get(key, default)
+    if not isinstance(value, str):
+        raise UserError(f"argument {key!r} must be text")
+    return value
+
+
+def arg_opt_str(args: Document, key: str) -> str | None:
+    value = args.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"argument {key!r} must be text")
+    return value
+
+
+def arg_bool(args: Document, key: str, default: bool = False) -> bool:
+    value = args.get(key, default)
+    if not isinstance(value, bool):
+        raise UserError(f"argument {key!r} must be true or false")
+    return value
+
+
+def arg_number(args: Document, key: str, default: float) -> float:
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"argument {key!r} must be a number")
+    return float(value)
