@@ -140,7 +140,7 @@ def parse_document(data: bytes, media_type: str | None = None) -> Document:
 
 def sniff(data: bytes) -> Document | None:
     """The document if ``data`` is a manifest or index, else None. Cheap for other blobs."""
-    if not data[:1] == b"{" or len(data) > MAX_MANIFEST_SIZE:
+    if data[:1] != b"{" or len(data) > MAX_MANIFEST_SIZE:
         return None
     try:
         return parse_document(data)
