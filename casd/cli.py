@@ -24,6 +24,7 @@ from casd import __version__
 from casd.chunking import DEFAULT_PARAMS, Chunker
 from casd.client import Client, TransferResult, open_client
 from casd.errors import CasdError, UserError
+from casd.oci import cli as oci_cli
 from casd.server.daemon import DEFAULT_LISTEN
 
 
@@ -258,6 +259,38 @@ async def cmd_fsck(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_gc(client: Client, args: argparse.Namespace) -> int:
+    def on_progress(p: dict[str, int | float | str]) -> None:
+        if not args.quiet and not args.json and sys.stderr.isatty():
+            print(
+                f"\rgc: {p.get('phase')}: {p.get('blobs_scanned', 0)} blobs, "
+                f"{p.get('packs_rewritten', 0)} packs rewritten",
+                end="",
+                file=sys.stderr,
+            )
+
+    request: dict[str, Any] = {"dry_run": args.dry_run, "min_live": args.min_live}
+    if args.grace is not None:
+        request["grace_s"] = args.grace
+    report = await client.call("gc", request, on_progress=on_progress)
+    if args.json:
+        print(json.dumps(report))
+    elif not args.quiet:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        verb = "would free" if args.dry_run else "freed"
+        before, after = int(report["pack_bytes_before"]), int(report["pack_bytes_after"])
+        print(
+            f"gc{' --dry-run' if args.dry_run else ''}: {report['blobs_deleted']} of "
+            f"{report['blobs_scanned']} blobs deleted, {report['names_removed']} layer names "
+            f"removed, {report['chunks_deleted']} chunks ({human(int(report['bytes_freed']))}) "
+            f"{verb}; {report['packs_rewritten']} packs rewritten, packs {human(before)} -> "
+            f"{human(after)}; {float(report['seconds']):.2f}s",
+            file=sys.stderr,
+        )
+    return 0
+
+
 async def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     stats = await client.stats()
     if args.json:
@@ -347,6 +380,8 @@ COMMANDS = {
     "rm": cmd_rm,
     "stats": cmd_stats,
     "fsck": cmd_fsck,
+    "gc": cmd_gc,
+    "oci": oci_cli.cmd_oci,
 }
 
 
@@ -499,8 +534,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair-token", help="token for the repair server (default: --token)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
 
+    s = sub.add_parser(
+        "gc",
+        parents=[common],
+        help="delete blobs no name reaches; reclaim their space",
+        description="Garbage collection on the running server, while pushes go on. Roots are "
+        "the names (OCI images keep their configs, layers and layer records) and every blob "
+        "committed within the grace period; a blob no root reaches is deleted, then every "
+        "chunk no blob uses, then packs mostly dead are rewritten to free disk space.",
+    )
+    s.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
+    s.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="spare blobs committed this recently, named or not (server default: 3600)",
+    )
+    s.add_argument(
+        "--min-live",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="rewrite packs whose live fraction is below this (default: %(default)s; "
+        "0 removes only packs with nothing live)",
+    )
+    s.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+
     s = sub.add_parser("stats", parents=[common], help="show server and store counters")
     s.add_argument("--json", action="store_true")
+
+    oci_cli.add_parsers(sub, common)
     return p
 
 

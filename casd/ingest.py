@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from casd import zstd
 from casd.chunking import format_digest
 from casd.errors import ChunkCorrupt, StoreError
+from casd.leases import leases_for
 from casd.storage.interface import ChunkIn, Codec, Recipe, Store
 
 # Chunks received but not yet written are flushed to the store once they reach this many
@@ -73,6 +74,10 @@ class BlobIngest:
         self._sha = hashlib.sha256()
         self._new_chunks = 0
         self._new_bytes = 0
+        # Every chunk of the recipe is leased before the store is asked whether it holds
+        # it, so garbage collection spares it until the push ends (casd.leases). Released
+        # by finish / keep_received / close, or when the ingest is garbage collected.
+        self._lease = leases_for(store).lease()
 
     @property
     def pending_bytes(self) -> int:
@@ -87,6 +92,7 @@ class BlobIngest:
         """
         if sizes and max(sizes) > MAX_CHUNK_SIZE:
             raise IngestError(f"a recipe entry of {max(sizes)} bytes exceeds {MAX_CHUNK_SIZE}")
+        self._lease.add(ids)
         have = self._store.has_chunks(ids)
         wanted: list[bool] = []
         base = len(self._ids)
@@ -161,7 +167,14 @@ class BlobIngest:
 
     def keep_received(self) -> None:
         """Store what was received of a push that will not finish, so a retry skips it."""
-        self.store_batch(self.take_batch(), hash_blob=False)
+        try:
+            self.store_batch(self.take_batch(), hash_blob=False)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the chunks' lease (the push is over). Idempotent."""
+        self._lease.release()
 
     def _advance_hash(self, fresh: dict[bytes, bytes | memoryview], limit: int) -> None:
         # Fresh chunks hash from memory; held ones and earlier batches' from the store.
@@ -186,6 +199,12 @@ class BlobIngest:
                 nothing becomes visible; received chunks stay, reusable).
             StoreError: the commit failed.
         """
+        try:
+            return self._finish(size, digest)
+        finally:
+            self.close()
+
+    def _finish(self, size: int, digest: str) -> IngestResult:
         self.flush()
         if self._expect:
             raise IngestError(f"{len(self._expect)} wanted chunks never arrived")

@@ -28,6 +28,7 @@ import trio
 from casd.chunking import format_digest
 from casd.client import Client, VerifiedChunk
 from casd.errors import DigestMismatch, PeerRefused
+from casd.leases import leases_for
 from casd.nursery import open_nursery
 from casd.refs import is_digest
 from casd.storage.interface import ChunkIn, Recipe, Store
@@ -234,8 +235,15 @@ async def sync_into_store(
     *,
     dry_run: bool = False,
     on_progress: Callable[[dict[str, int | float | str]], Awaitable[None]] | None = None,
+    base_hints: dict[str, str] | None = None,
+    defer_names: list[tuple[str, str]] | None = None,
 ) -> SyncReport:
     """Direct mode: copy blobs from the ``src`` server into the local ``store``.
+
+    ``base_hints`` maps a digest to a local blob to delta-encode it against when it has
+    no previous version under its name (OCI layers: the same layer of the previous
+    image). With ``defer_names`` the names are not moved but appended there, so a caller
+    can first complete what the blobs reference (an image's layers) and tag after.
 
     Raises:
         PeerRefused, PeerGone: the source failed; what was stored so far stays.
@@ -270,6 +278,8 @@ async def sync_into_store(
             progress,
             wire_before,
             dry_run,
+            base_hints or {},
+            defer_names,
         )
     report.wire_bytes = src.peer.wire_bytes - wire_before
     return report
@@ -286,6 +296,8 @@ async def _copy_all(
     progress: Throttle,
     wire_before: int,
     dry_run: bool,
+    base_hints: dict[str, str],
+    defer_names: list[tuple[str, str]] | None,
 ) -> None:
     seen: dict[str, casproto.Recipe] = {}
     for name, digest in pairs:
@@ -300,7 +312,9 @@ async def _copy_all(
             if dry_run:
                 report.items.append((name, digest, "would-tag"))
                 continue
-            if named:
+            if named and defer_names is not None:
+                defer_names.append((name, digest))
+            elif named:
                 await run(store.tag, name, digest)
             report.items.append((name, digest, "present"))
             continue
@@ -308,6 +322,8 @@ async def _copy_all(
         if recipe is None:  # the first time this digest needs its recipe
             recipe = seen[digest] = await recipes.receive()
             assert recipe.digest == digest  # prefetched in the same order
+        # Leased before has_chunks: gc spares these chunks until the commit (casd.leases).
+        lease = await run(leases_for(store).lease, recipe.ids)
         have = await run(store.has_chunks, _distinct(recipe.ids))
         need = _missing(recipe, have)
         report.chunks += len(recipe.ids)
@@ -339,8 +355,8 @@ async def _copy_all(
             await progress(_progress(report, name, src, wire_before))
 
         bases: dict[bytes, tuple[bytes, ...]] = {}
-        old_digest = local_names.get(name) if named else None
-        if old_digest is not None and old_digest != digest:
+        old_digest = local_names.get(name) if named else base_hints.get(digest)
+        if old_digest not in (None, digest) and await run(store.has_blob, old_digest):
             # The previous version under this name: the natural base to encode against.
             old = await run(store.get_recipe, old_digest)
             bases = await run(choose_bases, recipe, need, old)
@@ -355,7 +371,11 @@ async def _copy_all(
         actual = await run(hasher.finish)
         if actual != digest:
             raise DigestMismatch(digest, actual)
+        if named and defer_names is not None:
+            defer_names.append((name, digest))
+            named = False
         await run(store.commit_blob, local, name if named else None)
+        lease.release()
         report.blobs_copied += 1
         report.items.append((name, digest, "copied"))
         await progress(_progress(report, name, src, wire_before), force=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import BinaryIO
 
 if sys.version_info >= (3, 14):  # pragma: no cover - exercised on 3.14 only
     from compression.zstd import (
@@ -17,6 +18,7 @@ if sys.version_info >= (3, 14):  # pragma: no cover - exercised on 3.14 only
         ZstdDecompressor,
         ZstdDict,
         ZstdError,
+        ZstdFile,
         get_frame_info,
     )
 else:
@@ -25,10 +27,17 @@ else:
         ZstdDecompressor,
         ZstdDict,
         ZstdError,
+        ZstdFile,
         get_frame_info,
     )
 
-__all__ = ["ZstdError", "compress", "compress_with_prefix", "decompress_bounded"]
+__all__ = ["ZstdError", "compress", "compress_with_prefix", "decompress_bounded", "open_reader"]
+
+
+def open_reader(path: str) -> BinaryIO:
+    """A readable stream of the decompressed contents of a zstd file (OCI +zstd layers);
+    closing it closes the file."""
+    return ZstdFile(path, "rb")  # type: ignore[return-value]
 
 _local = threading.local()
 

@@ -27,6 +27,7 @@ from casd.auth import Scope, TokenTable, parse_token_lines
 from casd.chunking import ChunkerParams
 from casd.errors import CasdError, ConfigError
 from casd.nursery import open_nursery
+from casd.oci.layers import LayerCache
 from casd.server.service import ServerContext, handle_stream
 from casd.storage.disk import DiskStore
 
@@ -57,6 +58,9 @@ class ServeConfig:
     tls_ca: str | None = None
     # None: an existing store keeps its own; a new one gets the defaults.
     chunker: ChunkerParams | None = None
+    # The OCI pull API (read-only, no tokens): off unless asked for.
+    oci_listen: tuple[str, int] | None = None
+    oci_cache_bytes: int = 8 * 1024**3
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -146,11 +150,29 @@ async def serve(
             f"refusing to listen on non-loopback address {config.host} without a token: "
             "pass --token/--token-file (or CASD_TOKEN), or --insecure to allow anyone"
         )
+    if (
+        config.oci_listen is not None
+        and not is_loopback(config.oci_listen[0])
+        and config.tokens
+        and not config.insecure
+    ):
+        raise ConfigError(
+            f"refusing to serve the OCI pull API on non-loopback {config.oci_listen[0]}: it "
+            "has no tokens, so anyone could read every image; use a loopback address or "
+            "--insecure"
+        )
     store = await trio.to_thread.run_sync(
         partial(DiskStore, config.data, level=config.level, params=config.chunker)
     )
     try:
-        ctx = ServerContext(store=store, tokens=config.tokens, tls_ca=config.tls_ca)
+        cache = LayerCache(os.path.join(config.data, "oci-cache"), config.oci_cache_bytes)
+        ctx = ServerContext(
+            store=store,
+            tokens=config.tokens,
+            tls_ca=config.tls_ca,
+            data_dir=config.data,
+            oci_cache=cache,
+        )
         tcp_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         bound = [lst.socket.getsockname()[:2] for lst in tcp_listeners]
         listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
@@ -160,7 +182,18 @@ async def serve(
         stop = trio.Event()
         async with open_nursery() as outer:
             handlers = await outer.start(_run_handlers, stop)
+
             async with open_nursery() as accept:
+                if config.oci_listen is not None:
+                    # Read-only and stateless: stopped at once on shutdown, with accepting.
+                    from casd.oci.http import serve_oci
+                    from casd.oci.source import StoreSource
+
+                    oci_host, oci_port = config.oci_listen
+                    oci_bound = await accept.start(
+                        serve_oci, StoreSource(store, ctx.run, cache), oci_host, oci_port
+                    )
+                    log.info("OCI pull API at http://%s:%d/v2/", *oci_bound[:2])
                 accept.start_soon(
                     partial(
                         trio.serve_listeners,
@@ -280,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on shutdown, how long open requests may run on (default: %(default)s)",
     )
+    s.add_argument(
+        "--oci-listen",
+        metavar="HOST:PORT",
+        help="also serve the OCI pull API (GET /v2/...) here, read-only, for skopeo, podman "
+        "and containerd; an image named REPO:TAG is served as REPO:TAG",
+    )
+    s.add_argument(
+        "--oci-cache",
+        type=float,
+        default=8.0,
+        metavar="GIB",
+        help="disk for re-encoded compressed layers, so a layer is re-encoded once "
+        "(default: %(default)s GiB; 0 re-encodes on every pull)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     f = sub.add_parser(
         "fsck",
@@ -335,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
+            oci_listen=parse_hostport(args.oci_listen, 5000) if args.oci_listen else None,
+            oci_cache_bytes=int(args.oci_cache * 1024**3),
         )
         trio.run(serve, config)
     except CasdError as exc:

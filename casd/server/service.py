@@ -43,7 +43,9 @@ from casd.errors import (
 from casd.ingest import BlobIngest, IngestError, StoreBatch
 from casd.nursery import open_nursery
 from casd.peer import PeerConnection
-from casd.replicate import Throttle, resolve_names, sync_into_store
+from casd.oci.layers import LayerCache
+from casd.oci.sync import sync_with_images
+from casd.replicate import Throttle, resolve_names
 from casd.server import ops
 from casd.storage._encode import decode_stored
 from casd.storage.interface import ChunkIn, Store, StoredChunk
@@ -118,6 +120,9 @@ class ServerContext:
     pushes_running: int = 0
     # CA file for this daemon's own outgoing TLS connections (sync and repair sources).
     tls_ca: str | None = None
+    # Where operations keep scratch files (OCI import spools) and the OCI layer cache.
+    data_dir: str | None = None
+    oci_cache: LayerCache | None = None
     stats: ServerStats = field(default_factory=ServerStats)
     # Bounds the worker threads all connections may occupy with store calls at once.
     limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
@@ -574,13 +579,14 @@ class Session:
         try:
             async with open_client(source, token=ev.token, tls_ca=self.ctx.tls_ca) as src:
                 pairs = await resolve_names(src, list(ev.names), ev.all)
-                report = await sync_into_store(
+                report = await sync_with_images(
                     src,
                     self.ctx.store,
                     self.ctx.run,
                     pairs,
                     dry_run=ev.dry_run,
                     on_progress=send_progress,
+                    cache=self.ctx.oci_cache,
                 )
                 report.wire_bytes = src.peer.wire_bytes  # the whole conversation, handshake on
         except PeerRefused as exc:

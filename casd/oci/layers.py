@@ -1,0 +1,384 @@
+"""How casd holds OCI layers, and how it hands out their exact compressed bytes.
+
+A layer arrives as compressed bytes named by their sha256 (D_c). casd stores the
+*uncompressed* tar as an ordinary blob (its digest is the layer's diff_id, D_u), cut at
+tar member boundaries so that versions of a layer share chunks. Next to it goes a *layer
+record*: a small JSON blob under the name ``.oci/layer/<D_c>`` that says how to get D_c
+back:
+
+- ``encoding`` set: re-encoding D_u with these parameters (Python's zlib, verified at
+  import) gives D_c byte for byte. Only the uncompressed chunks are kept.
+- ``raw`` set: the compressed bytes could not be reproduced (Go's gzip, zstd, ...); they
+  are kept as a blob of their own, and the reason is in ``note``.
+
+Re-encoding costs CPU (zlib level 6: tens of MB/s) where a transfer would cost link time,
+so a verified re-encoding is also written to a bounded on-disk cache
+(:class:`LayerCache`) that serves repeated pulls at disk speed; the cache is only a copy,
+and losing it loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from casd.chunking import Chunker, chunk_id, format_digest
+from casd.errors import BlobMissing, CasdError
+from casd.leases import leases_for
+from casd.oci import media
+from casd.storage.interface import ChunkIn, Recipe, Store
+
+log = logging.getLogger("casd.oci")
+
+#: Chunks are written to the store in batches of about this many bytes (one fsync each).
+BATCH_BYTES = 8 * 1024 * 1024
+
+#: Pieces handed to zlib and to the network: large enough that zlib releases the GIL and
+#: per-call overhead vanishes, small enough to keep memory flat.
+PIECE = 1024 * 1024
+
+
+class LayerError(CasdError):
+    """A layer record is missing, unreadable, or does not reproduce its digest."""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    digest: str  # D_c: what manifests name
+    size: int
+    media_type: str
+    uncompressed: str  # D_u: the diff_id
+    uncompressed_size: int
+    encoding: dict[str, Any] | None = None  # {"codec": "gzip", ...GzipParams.to_dict()}
+    raw: str | None = None  # D_c again, when the compressed bytes are stored as a blob
+    note: str = ""
+
+    @property
+    def reencodable(self) -> bool:
+        return self.encoding is not None
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {
+            "casd_oci_layer": 1,
+            "digest": self.digest,
+            "size": self.size,
+            "media_type": self.media_type,
+            "uncompressed": self.uncompressed,
+            "uncompressed_size": self.uncompressed_size,
+        }
+        if self.encoding is not None:
+            doc["encoding"] = self.encoding
+        if self.raw is not None:
+            doc["raw"] = self.raw
+        if self.note:
+            doc["note"] = self.note
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LayerRecord:
+        try:
+            doc = json.loads(data)
+            if doc.get("casd_oci_layer") != 1:
+                raise ValueError("not a version-1 layer record")
+            return cls(
+                digest=str(doc["digest"]),
+                size=int(doc["size"]),
+                media_type=str(doc["media_type"]),
+                uncompressed=str(doc["uncompressed"]),
+                uncompressed_size=int(doc["uncompressed_size"]),
+                encoding=doc.get("encoding"),
+                raw=doc.get("raw"),
+                note=str(doc.get("note", "")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LayerError(f"unreadable layer record: {exc}") from None
+
+
+# --- reading and writing blobs through the store ---------------------------------------
+
+
+def read_blob(store: Store, digest: str) -> bytes:
+    recipe = store.get_recipe(digest)
+    return b"".join(store.get_chunk(i) for i in recipe.ids)
+
+
+def read_small(store: Store, digest: str) -> bytes | None:
+    """A blob's bytes if it exists and is at most MAX_MANIFEST_SIZE, else None."""
+    try:
+        recipe = store.get_recipe(digest)
+    except BlobMissing:
+        return None
+    if recipe.size > media.MAX_MANIFEST_SIZE:
+        return None
+    return b"".join(store.get_chunk(i) for i in recipe.ids)
+
+
+def resolve_name(store: Store, name: str) -> str | None:
+    try:
+        return store.resolve(name)
+    except BlobMissing:
+        return None
+
+
+def iter_blob(store: Store, digest: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The bytes [start, end) of a committed blob, chunk by chunk (each verified)."""
+    recipe = store.get_recipe(digest)
+    end = recipe.size if end is None else min(end, recipe.size)
+    pos = 0
+    for cid, size in zip(recipe.ids, recipe.sizes, strict=True):
+        if pos + size > start and pos < end:
+            data = store.get_chunk(cid)
+            yield data[max(0, start - pos) : min(size, end - pos)]
+        pos += size
+        if pos >= end:
+            return
+
+
+def read_record(store: Store, digest: str) -> LayerRecord | None:
+    """The layer record of compressed layer ``digest``, or None if casd has none."""
+    target = resolve_name(store, media.layer_record_name(digest))
+    if target is None:
+        return None
+    data = read_small(store, target)
+    if data is None:
+        raise LayerError(f"layer record of {digest} points at a missing blob {target}")
+    return LayerRecord.from_json(data)
+
+
+class BlobWriter:
+    """Feeds chunks into a store in batches and builds the blob's recipe and sha256.
+
+    The chunks are durable as each batch is written; the blob becomes visible only at
+    :meth:`commit`, which checks nothing was skipped. Not thread-safe.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # Garbage collection spares leased chunks until the blob commits (casd.leases).
+        self._lease = leases_for(store).lease()
+        self._sha = hashlib.sha256()
+        self._ids: list[bytes] = []
+        self._sizes: list[int] = []
+        self._batch: list[ChunkIn] = []
+        self._batch_bytes = 0
+        self.size = 0
+        self.new_chunks = 0
+        self.new_bytes = 0
+
+    def add(self, chunk: bytes | memoryview) -> None:
+        data = bytes(chunk)  # the views of a cutter's window are recycled
+        cid = chunk_id(data)
+        self._sha.update(data)
+        self._ids.append(cid)
+        self._sizes.append(len(data))
+        self.size += len(data)
+        self._batch.append(ChunkIn(cid, data))
+        self._lease.add((cid,))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._batch:
+            result = self.store.put_chunks(self._batch, verify=False)  # ids computed above
+            self.new_chunks += result.new_chunks
+            self.new_bytes += result.new_stored_bytes
+            self._batch = []
+            self._batch_bytes = 0
+
+    @property
+    def digest(self) -> str:
+        return format_digest(self._sha.digest())
+
+    @property
+    def chunk_ids(self) -> list[bytes]:
+        return self._ids
+
+    def commit(self, name: str | None = None) -> str:
+        try:
+            self.flush()
+            recipe = Recipe(self.digest, self.size, tuple(self._ids), tuple(self._sizes))
+            self.store.commit_blob(recipe, name)
+        finally:
+            self.release()
+        return recipe.digest
+
+    def release(self) -> None:
+        """Give up the lease: after a commit, or when the blob is abandoned. Idempotent."""
+        self._lease.release()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def put_bytes(store: Store, data: bytes, chunker: Chunker, name: str | None = None) -> str:
+    """Store a small blob (a manifest, config or record) and return its digest."""
+    with BlobWriter(store) as w:
+        for c in chunker.cut(data):
+            w.add(c)
+        return w.commit(name)
+
+
+def put_stream(store: Store, stream: BinaryIO, chunker: Chunker) -> str:
+    with BlobWriter(store) as w:
+        for c in chunker.cut_stream(stream):
+            w.add(c)
+        return w.commit()
+
+
+# --- re-encoding ---------------------------------------------------------------------
+
+
+def _encoder(record: LayerRecord) -> Any:
+    from casd.oci import gzipre
+
+    enc = record.encoding or {}
+    if enc.get("codec") != "gzip":
+        raise LayerError(f"layer {record.digest}: unknown encoding {enc.get('codec')!r}")
+    params = gzipre.GzipParams.from_dict({k: v for k, v in enc.items() if k != "codec"})
+    return gzipre.GzipEncoder(params)
+
+
+def encode_layer(store: Store, record: LayerRecord) -> Iterator[bytes]:
+    """The compressed bytes of a re-encodable layer, made from its uncompressed chunks,
+    in pieces; memory is bounded by a piece plus zlib's window. Does not verify: callers
+    hash what they hand on (see :func:`verified_encoding`)."""
+    enc = _encoder(record)
+    pending: list[bytes] = []
+    held = 0
+    for data in iter_blob(store, record.uncompressed):
+        pending.append(data)
+        held += len(data)
+        if held >= PIECE:
+            out = enc.update(b"".join(pending))
+            pending, held = [], 0
+            if out:
+                yield out
+    tail = enc.update(b"".join(pending)) + enc.finish()
+    if tail:
+        yield tail
+
+
+def verified_encoding(store: Store, record: LayerRecord) -> Iterator[bytes]:
+    """:func:`encode_layer`, checked: the last piece is held back until the whole output
+    hashed to the record's digest, and LayerError raised instead of handing it out if it
+    did not; a receiver streaming the pieces never gets a complete wrong blob."""
+    sha = hashlib.sha256()
+    size = 0
+    held: bytes | None = None
+    for piece in encode_layer(store, record):
+        sha.update(piece)
+        size += len(piece)
+        if size > record.size:
+            break  # already wrong: stop before handing out more than the blob's size
+        if held is not None:
+            yield held
+        held = piece
+    got = format_digest(sha.digest())
+    if got == record.digest and size == record.size:
+        if held is not None:
+            yield held
+        return
+    raise LayerError(
+        f"re-encoding layer {record.digest} gave {got} ({size} bytes): this host's zlib "
+        "does not reproduce it"
+    )
+
+
+# --- the cache of verified re-encodings ------------------------------------------------
+
+
+class LayerCache:
+    """Verified compressed layers on disk, so a re-encoded layer is encoded once.
+
+    Files are named by digest and written to a temporary name first, renamed only after
+    their sha256 matched: a file in the cache is always a correct copy. Bounded by
+    ``max_bytes``; the least recently used files go first.
+    """
+
+    def __init__(self, directory: str, max_bytes: int = 8 * 1024**3) -> None:
+        self.dir = directory
+        self.max_bytes = max_bytes
+        os.makedirs(directory, exist_ok=True)
+        self._lock = threading.Lock()
+        for leftover in os.listdir(directory):
+            if leftover.startswith("tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, leftover))
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.dir, digest.replace(":", "-"))
+
+    def open(self, digest: str) -> BinaryIO | None:
+        try:
+            f = open(self.path(digest), "rb")  # noqa: SIM115 - handed to the caller
+        except FileNotFoundError:
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(f.fileno())  # recently used
+        return f
+
+    def has(self, digest: str) -> bool:
+        return os.path.exists(self.path(digest))
+
+    def fill(self, store: Store, record: LayerRecord) -> bool:
+        """Re-encode ``record`` into the cache. Returns whether it reproduced its digest
+        (if not, nothing is cached)."""
+        if self.max_bytes < record.size:
+            # Too large to cache: still verify.
+            try:
+                for _ in verified_encoding(store, record):
+                    pass
+            except LayerError:
+                return False
+            return True
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix="tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for piece in verified_encoding(store, record):
+                    f.write(piece)
+            os.replace(tmp, self.path(record.digest))
+        except LayerError as exc:
+            log.warning("%s", exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.evict()
+        return True
+
+    def adopt(self, digest: str, path: str) -> None:
+        """Move a verified file (for example an import's spool) into the cache."""
+        os.replace(path, self.path(digest))
+        self.evict()
+
+    def evict(self) -> None:
+        with self._lock:
+            entries = []
+            for entry in os.scandir(self.dir):
+                if entry.name.startswith("tmp"):
+                    continue
+                with contextlib.suppress(OSError):
+                    st = entry.stat()
+                    entries.append((st.st_mtime, st.st_size, entry.path))
+            total = sum(e[1] for e in entries)
+            for _, size, path in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    total -= size

@@ -1,0 +1,302 @@
+"""The OCI bridge's operations, run by the daemon for ``casctl oci ...`` (SPEC §4.5)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+from casd.auth import Scope
+from casd.chunking import Chunker, format_digest
+from casd.errors import BlobMissing, UserError
+from casd.oci import media
+from casd.oci.importer import ImportOptions, import_image
+from casd.oci.layers import (
+    LayerCache,
+    LayerError,
+    LayerRecord,
+    encode_layer,
+    put_bytes,
+    put_stream,
+    read_record,
+    read_small,
+)
+from casd.refs import check_name
+from casd.server import ops
+from casd.storage.interface import Store
+
+
+def _spool_dir(ctx: Any) -> str:
+    base = ctx.data_dir or tempfile.gettempdir()
+    return os.path.join(base, "oci-tmp")
+
+
+@ops.operation("oci.import", Scope.WRITE, "import an image from a registry")
+async def _import(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Document:
+    creds = ops.arg_opt_str(args, "creds")
+    pair: tuple[str, str] | None = None
+    if creds is not None:
+        user, sep, password = creds.partition(":")
+        if not sep:
+            raise UserError("--creds must read USER:PASSWORD")
+        pair = (user, password)
+    name = ops.arg_opt_str(args, "name")
+    if name is not None:
+        check_name(name)
+    opts = ImportOptions(
+        ref=ops.arg_str(args, "ref"),
+        name=name,
+        platform=ops.arg_opt_str(args, "platform"),
+        all_platforms=ops.arg_bool(args, "all_platforms"),
+        insecure=ops.arg_bool(args, "insecure"),
+        creds=pair,
+    )
+    report = await import_image(ctx.store, ctx.run, _spool_dir(ctx), ctx.oci_cache, opts, progress)
+    return report.as_dict()
+
+
+# --- inspect -------------------------------------------------------------------------
+
+
+def _image(store: Store, name: str) -> tuple[str, media.Document]:
+    try:
+        digest = store.resolve(name)
+    except BlobMissing:
+        raise UserError(f"no image named {name!r} (`casctl ls` lists names)") from None
+    data = read_small(store, digest)
+    doc = media.sniff(data) if data is not None else None
+    if doc is None:
+        raise UserError(f"{name!r} names {digest}, which is not an image manifest or index")
+    return digest, doc
+
+
+def _manifests(store: Store, digest: str, doc: media.Document) -> list[tuple[str, media.Document]]:
+    if doc.kind == "manifest":
+        return [(digest, doc)]
+    out = []
+    for m in doc.manifests:
+        data = read_small(store, m.digest)
+        sub = media.sniff(data) if data is not None else None
+        if sub is None:
+            raise LayerError(f"manifest {m.digest} of index {digest} is missing")
+        out.append((m.digest, sub))
+    return out
+
+
+def _layer_blobs(
+    store: Store, layer: media.Descriptor
+) -> tuple[str, LayerRecord | None, list[str]]:
+    """How a layer is stored, its record, and the blobs holding its bytes."""
+    rec = read_record(store, layer.digest)
+    if rec is None:
+        if store.has_blob(layer.digest):
+            kind = "uncompressed" if media.is_uncompressed_layer(layer.media_type) else "blob"
+            return kind, None, [layer.digest]
+        return "missing", None, []
+    blobs = [rec.uncompressed] + ([rec.raw] if rec.raw else [])
+    return ("reencodable" if rec.reencodable else "raw"), rec, blobs
+
+
+def inspect_image(store: Store, name: str) -> dict[str, Any]:
+    digest, doc = _image(store, name)
+    entries: list[dict[str, Any]] = []
+    layer_blobs: dict[str, list[str]] = {}
+    for mdigest, mdoc in _manifests(store, digest, doc):
+        layers: list[dict[str, Any]] = []
+        for layer in mdoc.layers:
+            kind, rec, blobs = _layer_blobs(store, layer)
+            layer_blobs[layer.digest] = blobs
+            layers.append(
+                {
+                    "digest": layer.digest,
+                    "media_type": layer.media_type,
+                    "size": layer.size,
+                    "uncompressed_size": rec.uncompressed_size if rec else layer.size,
+                    "stored": kind,
+                    "note": rec.note if rec else "",
+                }
+            )
+        entries.append(
+            {
+                "digest": mdigest,
+                "media_type": mdoc.media_type,
+                "config": mdoc.config.digest if mdoc.config else "",
+                "layers": layers,
+            }
+        )
+    # Bytes only a layer's own blobs reference: what deleting the image would free.
+    unique = _unique_bytes(store, layer_blobs)
+    for entry in entries:
+        for row in entry["layers"]:
+            row["unique_bytes"] = unique.get(row["digest"], 0)
+    return {"name": name, "digest": digest, "media_type": doc.media_type, "manifests": entries}
+
+
+def _unique_bytes(store: Store, layer_blobs: dict[str, list[str]]) -> dict[str, int]:
+    owner: dict[bytes, tuple[str, int]] = {}  # chunk -> (layer, size), for our layers' chunks
+    own_blobs: dict[str, str] = {}
+    for layer, blobs in layer_blobs.items():
+        for b in blobs:
+            own_blobs[b] = layer
+            recipe = store.get_recipe(b)
+            for cid, size in zip(recipe.ids, recipe.sizes, strict=True):
+                prev = owner.get(cid)
+                if prev is not None and prev[0] != layer:
+                    owner[cid] = ("", size)  # shared between two of this image's layers
+                else:
+                    owner[cid] = (layer, size)
+    for digest, _ in store.iter_blobs():
+        if digest in own_blobs or not owner:
+            continue
+        for cid in store.get_recipe(digest).ids:
+            if cid in owner:
+                owner[cid] = ("", owner[cid][1])
+    out: dict[str, int] = {}
+    for layer, size in owner.values():
+        if layer:
+            out[layer] = out.get(layer, 0) + size
+    return out
+
+
+@ops.operation("oci.inspect", Scope.READ, "describe an image and how its layers are stored")
+async def _inspect(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Document:
+    return dict(await ctx.run(inspect_image, ctx.store, ops.arg_str(args, "name")))
+
+
+# --- convert -------------------------------------------------------------------------
+
+#: What `oci convert` re-compresses with: zlib level 6 (gzip's default), no name, mtime 0.
+CONVERT_LEVEL = 6
+
+
+def _convert_layer(
+    store: Store, chunker: Chunker, cache: LayerCache | None, layer: media.Descriptor, oci: bool
+) -> media.Descriptor:
+    from casd.oci import gzipre
+
+    kind, rec, _ = _layer_blobs(store, layer)
+    if kind in ("reencodable", "uncompressed", "missing"):
+        if kind == "missing":
+            raise LayerError(f"layer {layer.digest} is not in the store")
+        return layer
+    if rec is None:
+        raise LayerError(f"layer {layer.digest} has no record: re-import the image first")
+    # A plain gzip header: no name, mtime 0, XFL 0 (level 6), OS 255 "unknown".
+    header = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 255])
+    params = gzipre.GzipParams(
+        header=header, level=CONVERT_LEVEL, wbits=15, mem_level=8, strategy=0
+    )
+    encoding = {"codec": "gzip", **params.to_dict()}
+    draft = LayerRecord("", 0, "", rec.uncompressed, rec.uncompressed_size, encoding=encoding)
+    sha = hashlib.sha256()
+    size = 0
+    for piece in encode_layer(store, draft):
+        sha.update(piece)
+        size += len(piece)
+    digest = format_digest(sha.digest())
+    mt = media.OCI_LAYER_GZIP if oci else media.DOCKER_LAYER_GZIP
+    new = LayerRecord(digest, size, mt, rec.uncompressed, rec.uncompressed_size, encoding=encoding)
+    put_bytes(store, new.to_json(), chunker, media.layer_record_name(digest))
+    if cache is not None:
+        cache.fill(store, new)
+    return media.Descriptor(mt, digest, size)
+
+
+def convert_image(
+    store: Store, cache: LayerCache | None, name: str, new_name: str
+) -> dict[str, Any]:
+    check_name(new_name)
+    chunker = Chunker()
+    digest, doc = _image(store, name)
+    converted: dict[str, tuple[str, int]] = {}  # old manifest digest -> new (digest, size)
+    layers_changed = 0
+    for mdigest, mdoc in _manifests(store, digest, doc):
+        raw = dict(mdoc.raw)
+        oci = mdoc.media_type == media.OCI_MANIFEST
+        new_layers = []
+        for entry, desc in zip(raw["layers"], mdoc.layers, strict=True):
+            new = _convert_layer(store, chunker, cache, desc, oci)
+            if new.digest != desc.digest:
+                layers_changed += 1
+                entry = {
+                    **entry,
+                    "mediaType": new.media_type,
+                    "digest": new.digest,
+                    "size": new.size,
+                }
+                entry.pop("urls", None)
+            new_layers.append(entry)
+        raw["layers"] = new_layers
+        data = json.dumps(raw, indent=3).encode() if new_layers != mdoc.raw["layers"] else None
+        if data is None:
+            size = len(read_small(store, mdigest) or b"")
+            converted[mdigest] = (mdigest, size)
+        else:
+            converted[mdigest] = (put_bytes(store, data, chunker), len(data))
+    if doc.kind == "manifest":
+        top = converted[digest][0]
+    else:
+        raw = dict(doc.raw)
+        raw["manifests"] = [
+            {**m, "digest": converted[m["digest"]][0], "size": converted[m["digest"]][1]}
+            for m in raw["manifests"]
+        ]
+        top = put_bytes(store, json.dumps(raw, indent=3).encode(), chunker)
+    store.tag(new_name, top)
+    return {"name": new_name, "digest": top, "source": digest, "layers_converted": layers_changed}
+
+
+@ops.operation("oci.convert", Scope.WRITE, "re-compress an image's layers reproducibly")
+async def _convert(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Document:
+    return dict(
+        await ctx.run(
+            convert_image,
+            ctx.store,
+            ctx.oci_cache,
+            ops.arg_str(args, "name"),
+            ops.arg_str(args, "new_name"),
+        )
+    )
+
+
+# --- materialize (the sync fallback) -----------------------------------------------------
+
+
+def materialize(store: Store, digest: str) -> dict[str, Any]:
+    if store.has_blob(digest):
+        return {"digest": digest, "created": False}
+    rec = read_record(store, digest)
+    if rec is None:
+        raise BlobMissing(f"no layer {digest} in this store")
+
+    class _Pieces:
+        def __init__(self) -> None:
+            self._it = encode_layer(store, rec)  # type: ignore[arg-type]
+            self._buf = b""
+
+        def read(self, n: int = -1) -> bytes:
+            while n < 0 or len(self._buf) < n:
+                piece = next(self._it, None)
+                if piece is None:
+                    break
+                self._buf += piece
+            out, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+            return out
+
+        def readinto(self, buf: Any) -> int:
+            view = memoryview(buf).cast("B")
+            data = self.read(len(view))
+            view[: len(data)] = data
+            return len(data)
+
+    got = put_stream(store, _Pieces(), Chunker())  # type: ignore[arg-type]
+    if got != digest:
+        raise LayerError(f"re-encoding layer {digest} gave {got}")
+    return {"digest": digest, "created": True}
+
+
+@ops.operation("oci.materialize", Scope.WRITE, "store a layer's compressed bytes as a blob")
+async def _materialize(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Document:
+    return dict(await ctx.run(materialize, ctx.store, ops.arg_str(args, "digest")))

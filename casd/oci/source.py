@@ -1,0 +1,214 @@
+"""What the OCI pull API serves, read from a casd store.
+
+An image is served as ``REPO:TAG`` when a casd name ``REPO:TAG`` points at a manifest or
+index (``casctl oci import`` names images that way by default). Manifests and blobs are
+also served by digest under any repository name, as a content-addressed store holds
+them once for all. A compressed layer comes from, in order: a blob with its digest, the
+layer cache, or re-encoding its uncompressed chunks (verified as it streams, and kept in
+the cache once complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+from casd.chunking import format_digest
+from casd.errors import BlobMissing
+from casd.oci import media
+from casd.oci.http import ManifestHit
+from casd.oci.layers import (
+    PIECE,
+    LayerCache,
+    LayerError,
+    LayerRecord,
+    iter_blob,
+    read_record,
+    read_small,
+    verified_encoding,
+)
+from casd.storage.interface import Store
+
+Run = Callable[..., Awaitable[Any]]
+
+_END = object()
+
+
+def _pieces(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Regroup small pieces into ~PIECE-sized ones (fewer thread hops and sends)."""
+    held: list[bytes] = []
+    size = 0
+    for c in chunks:
+        held.append(c)
+        size += len(c)
+        if size >= PIECE:
+            yield b"".join(held)
+            held, size = [], 0
+    if held:
+        yield b"".join(held)
+
+
+def _file_range(path: str, start: int, end: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            data = f.read(min(PIECE, left))
+            if not data:
+                raise LayerError(f"cached layer {path} is shorter than expected")
+            left -= len(data)
+            yield data
+
+
+def _reencoded_range(
+    store: Store, cache: LayerCache | None, rec: LayerRecord, start: int, end: int
+) -> Iterator[bytes]:
+    """Bytes [start, end) of a re-encoded layer. A whole-layer read also fills the cache:
+    the bytes go to a temporary file that is renamed in only once the digest matched."""
+    tmp: Any = None
+    if cache is not None and start == 0 and end == rec.size and rec.size <= cache.max_bytes:
+        fd, tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
+        tmp = os.fdopen(fd, "wb")
+    try:
+        pos = 0
+        for piece in verified_encoding(store, rec):
+            if tmp is not None:
+                tmp.write(piece)
+            lo, hi = max(start - pos, 0), min(end - pos, len(piece))
+            pos += len(piece)
+            if lo < hi:
+                yield piece[lo:hi]
+            if pos >= end and tmp is None:
+                return
+        if tmp is not None:
+            tmp.close()
+            cache.adopt(rec.digest, tmp_path)  # type: ignore[union-attr]
+            tmp = None
+    finally:
+        if tmp is not None:
+            tmp.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+
+
+class StoreSource:
+    """casd's store as an :class:`casd.oci.http.OciSource`."""
+
+    def __init__(self, store: Store, run: Run, cache: LayerCache | None = None) -> None:
+        self.store = store
+        self.run = run
+        self.cache = cache
+
+    # --- manifests and tags -----------------------------------------------------------
+
+    def _hit(self, digest: str) -> ManifestHit | None:
+        data = read_small(self.store, digest)
+        if data is None:
+            return None
+        doc = media.sniff(data)
+        if doc is None:
+            return None
+        return ManifestHit(data=data, media_type=doc.media_type, digest=digest)
+
+    def _manifest(self, repo: str, reference: str) -> ManifestHit | None:
+        if reference.startswith("sha256:"):
+            return self._hit(reference) if self.store.has_blob(reference) else None
+        try:
+            digest = self.store.resolve(f"{repo}:{reference}")
+        except (BlobMissing, ValueError):
+            return None
+        except Exception as exc:  # InvalidRef: not a name casd could hold
+            if type(exc).__name__ == "InvalidRef":
+                return None
+            raise
+        return self._hit(digest)
+
+    async def manifest(self, repo: str, reference: str) -> ManifestHit | None:
+        hit: ManifestHit | None = await self.run(self._manifest, repo, reference)
+        return hit
+
+    def _tags(self, repo: str) -> list[str] | None:
+        prefix = f"{repo}:"
+        out = []
+        for name, digest in self.store.list_names(prefix):
+            tag = name[len(prefix) :]
+            if not tag or "/" in tag or ":" in tag:
+                continue
+            if self._hit(digest) is not None:
+                out.append(tag)
+        return sorted(out) if out else None
+
+    async def tags(self, repo: str) -> list[str] | None:
+        tags: list[str] | None = await self.run(self._tags, repo)
+        return tags
+
+    async def has_repository(self, repo: str) -> bool:
+        return await self.tags(repo) is not None
+
+    # --- blobs ------------------------------------------------------------------------
+
+    def _locate(self, digest: str) -> tuple[str, int, LayerRecord | None] | None:
+        """("blob" | "cache" | "reencode", size, record) or None."""
+        if self.store.has_blob(digest):
+            return "blob", self.store.get_recipe(digest).size, None
+        try:
+            rec = read_record(self.store, digest)
+        except LayerError:
+            return None
+        if rec is None or not rec.reencodable or not self.store.has_blob(rec.uncompressed):
+            return None
+        if self.cache is not None and self.cache.has(digest):
+            return "cache", rec.size, rec
+        return "reencode", rec.size, rec
+
+    async def blob_size(self, repo: str, digest: str) -> int | None:
+        found = await self.run(self._locate, digest)
+        return None if found is None else int(found[1])
+
+    @contextlib.asynccontextmanager
+    async def open_blob(
+        self, repo: str, digest: str, start: int, end: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        found = await self.run(self._locate, digest)
+        if found is None:
+            raise BlobMissing(f"blob {digest} is not in the store")
+        kind, _, rec = found
+        if kind == "blob":
+            gen: Iterator[bytes] = _pieces(iter_blob(self.store, digest, start, end))
+        elif kind == "cache":
+            assert self.cache is not None
+            gen = _file_range(self.cache.path(digest), start, end)
+        else:
+            assert rec is not None
+            gen = _reencoded_range(self.store, self.cache, rec, start, end)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            while True:
+                piece = await self.run(next, gen, _END)
+                if piece is _END:
+                    return
+                yield piece
+
+        it = pieces()
+        try:
+            yield it
+        finally:
+            await it.aclose()  # type: ignore[attr-defined]
+            await self.run(_close, gen)
+
+
+def _close(gen: Iterator[bytes]) -> None:
+    close = getattr(gen, "close", None)
+    if close is not None:
+        close()
+
+
+def sha256_of(pieces: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    return format_digest(h.digest())

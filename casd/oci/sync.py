@@ -1,0 +1,264 @@
+"""Syncing images: a name that points at a manifest or index brings what it references.
+
+``casctl sync`` copies named blobs. When such a blob is an OCI manifest or index, the
+destination also needs its config, its layers and their layer records. Re-encodable
+layers travel as their *uncompressed* chunks, each delta-encoded against the same layer
+of the image the destination held under that name before; the destination re-encodes
+them, checks the digest, and only then records the layer. If its zlib does not reproduce
+the digest, it asks the source to materialize the compressed bytes as a blob
+(``oci.materialize``) and fetches those instead.
+
+Names move last: an image name never points at an image whose parts are missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import fields
+from typing import Any
+
+from casd.client import Client
+from casd.errors import PeerRefused
+from casd.oci import media
+from casd.oci.layers import LayerCache, LayerRecord, read_record, read_small, resolve_name
+from casd.replicate import SyncReport, sync_into_store
+from casd.storage.interface import Store
+
+log = logging.getLogger("casd.oci")
+
+Run = Callable[..., Awaitable[Any]]
+Progress = Callable[[dict[str, int | float | str]], Awaitable[None]] | None
+
+
+def _merge(into: SyncReport, part: SyncReport) -> None:
+    for f in fields(SyncReport):
+        if f.name in ("blobs", "blobs_copied", "blobs_present", "blobs_unchanged") or (
+            f.type == "int" and f.name != "wire_bytes"
+        ):
+            setattr(into, f.name, getattr(into, f.name) + getattr(part, f.name))
+
+
+def _document(store: Store, digest: str) -> media.Document | None:
+    data = read_small(store, digest)
+    return media.sniff(data) if data is not None else None
+
+
+def _old_layers(store: Store, old: str | None) -> dict[str, list[str]]:
+    """The uncompressed digests of the layers of the image previously held, per
+    platform key ("" for a single manifest): the bases for the new version's layers."""
+    out: dict[str, list[str]] = {}
+    if old is None:
+        return out
+    doc = _document(store, old)
+    if doc is None:
+        return out
+    manifests = [("", old, doc)] if doc.kind == "manifest" else []
+    for m in doc.manifests:
+        sub = _document(store, m.digest)
+        if sub is not None:
+            manifests.append((_platform_key(m), m.digest, sub))
+    for key, _, mdoc in manifests:
+        uncompressed = []
+        for layer in mdoc.layers:
+            try:
+                rec = read_record(store, layer.digest)
+            except Exception:  # a bad record only costs a base hint
+                rec = None
+            uncompressed.append(rec.uncompressed if rec is not None else layer.digest)
+        out[key] = uncompressed
+    return out
+
+
+def _layer_digests(store: Store, doc: media.Document) -> set[str]:
+    out = {x.digest for x in doc.layers}
+    for m in doc.manifests:
+        sub = _document(store, m.digest)
+        if sub is not None:
+            out |= {x.digest for x in sub.layers}
+    return out
+
+
+def _previous_version(
+    store: Store, name: str, doc: media.Document, names: dict[str, str]
+) -> str | None:
+    """The image this store holds that ``name`` most likely is a new version of: one in the
+    same repository (``REPO:`` prefix), sharing the most layers with ``doc``; among equals
+    the greatest tag (v9 before v10 is a guess; any version of the image is a fair base)."""
+    repo, sep, _ = name.rpartition(":")
+    if not sep:
+        return None
+    wanted = _layer_digests(store, doc)
+    best: tuple[int, str] | None = None
+    best_digest = None
+    for other, digest in names.items():
+        if not other.startswith(repo + ":") or other == name:
+            continue
+        odoc = _document(store, digest)
+        if odoc is None:
+            continue
+        score = (len(wanted & _layer_digests(store, odoc)), other)
+        if best is None or score > best:
+            best, best_digest = score, digest
+    return best_digest
+
+
+def _platform_key(desc: media.Descriptor) -> str:
+    p = desc.platform or {}
+    return "/".join(str(p.get(k, "")) for k in ("os", "architecture", "variant"))
+
+
+async def sync_with_images(
+    src: Client,
+    store: Store,
+    run: Run,
+    pairs: list[tuple[str, str]],
+    *,
+    dry_run: bool = False,
+    on_progress: Progress = None,
+    cache: LayerCache | None = None,
+) -> SyncReport:
+    """:func:`casd.replicate.sync_into_store`, completed with what images reference."""
+    local_before = dict(await run(store.list_names))
+    deferred: list[tuple[str, str]] = []
+    report = await sync_into_store(
+        src, store, run, pairs, dry_run=dry_run, on_progress=on_progress, defer_names=deferred
+    )
+    if not dry_run:
+        for name, digest in pairs:
+            doc = await run(_document, store, digest)
+            if doc is not None:
+                old = local_before.get(name) or await run(
+                    _previous_version, store, name, doc, local_before
+                )
+                await _complete_image(src, store, run, digest, old, report, on_progress, cache)
+        for name, digest in deferred:
+            await run(store.tag, name, digest)
+    return report
+
+
+async def _sync_digests(
+    src: Client,
+    store: Store,
+    run: Run,
+    digests: list[str],
+    report: SyncReport,
+    on_progress: Progress,
+    hints: dict[str, str] | None = None,
+) -> None:
+    todo = [d for d in dict.fromkeys(digests) if not await run(store.has_blob, d)]
+    if not todo:
+        return
+    part = await sync_into_store(
+        src, store, run, [(d, d) for d in todo], on_progress=on_progress, base_hints=hints
+    )
+    _merge(report, part)
+
+
+async def _complete_image(
+    src: Client,
+    store: Store,
+    run: Run,
+    top: str,
+    old: str | None,
+    report: SyncReport,
+    on_progress: Progress,
+    cache: LayerCache | None,
+) -> None:
+    doc = await run(_document, store, top)
+    assert doc is not None
+    if doc.kind == "index":
+        await _sync_digests(src, store, run, [m.digest for m in doc.manifests], report, on_progress)
+        manifests = [(_platform_key(m), m.digest) for m in doc.manifests]
+    else:
+        manifests = [("", top)]
+    old_layers = await run(_old_layers, store, old)
+
+    # Configs, and the layer records of layers this store cannot serve yet.
+    configs: list[str] = []
+    wanted: list[tuple[str, media.Descriptor, int]] = []  # (platform key, layer, index)
+    for key, digest in manifests:
+        mdoc = await run(_document, store, digest)
+        if mdoc is None or mdoc.config is None:
+            continue
+        configs.append(mdoc.config.digest)
+        for i, layer in enumerate(mdoc.layers):
+            wanted.append((key, layer, i))
+    await _sync_digests(src, store, run, configs, report, on_progress)
+
+    records: dict[str, str] = {}  # compressed digest -> record blob digest on the source
+    plain: list[str] = []
+    for _, layer, _ in wanted:
+        d = layer.digest
+        if await run(store.has_blob, d) or await run(_layer_ready, store, d):
+            continue
+        try:
+            info = await src.stat(media.layer_record_name(d))
+        except PeerRefused as exc:
+            if exc.code_name != "NOT_FOUND":
+                raise
+            plain.append(d)
+            continue
+        records[d] = info.digest
+    await _sync_digests(src, store, run, plain + list(records.values()), report, on_progress)
+
+    contents: list[str] = []
+    hints: dict[str, str] = {}
+    parsed: dict[str, LayerRecord] = {}
+    for key, layer, i in wanted:
+        rec_digest = records.get(layer.digest)
+        if rec_digest is None:
+            continue
+        data = await run(read_small, store, rec_digest)
+        rec = LayerRecord.from_json(data or b"")
+        parsed[layer.digest] = rec
+        contents.append(rec.uncompressed)
+        if rec.raw is not None:
+            contents.append(rec.raw)
+        bases: list[str] = old_layers.get(key) or next(iter(old_layers.values()), [])
+        if bases:
+            hints[rec.uncompressed] = bases[min(i, len(bases) - 1)]
+    await _sync_digests(src, store, run, contents, report, on_progress, hints)
+
+    for d, rec in parsed.items():
+        name = media.layer_record_name(d)
+        if rec.raw is not None or not rec.reencodable:
+            await run(store.tag, name, records[d])
+            continue
+        ok = await run(_verify, store, rec, cache)
+        if ok:
+            await run(store.tag, name, records[d])
+            continue
+        log.warning("layer %s does not re-encode here; fetching its compressed bytes", d)
+        await src.call("oci.materialize", {"digest": d})
+        await _sync_digests(src, store, run, [d], report, on_progress)
+        # The blob itself is now what serves the layer; no record needed.
+
+
+def _layer_ready(store: Store, digest: str) -> bool:
+    try:
+        rec = read_record(store, digest)
+    except Exception:
+        return False
+    return rec is not None and store.has_blob(rec.uncompressed)
+
+
+def _verify(store: Store, rec: LayerRecord, cache: LayerCache | None) -> bool:
+    from casd.oci.layers import verified_encoding
+
+    if cache is not None:
+        return cache.fill(store, rec)
+    try:
+        for _ in verified_encoding(store, rec):
+            pass
+    except Exception as exc:
+        log.warning("%s", exc)
+        return False
+    return True
+
+
+def image_references(store: Store, digest: str) -> list[str]:
+    """Every blob the image at ``digest`` needs (for tests and inspect)."""
+    return media.references(
+        digest, lambda d: read_small(store, d), lambda n: resolve_name(store, n)
+    )

@@ -1,0 +1,345 @@
+"""The OCI bridge end to end, with the real parts: Debian's docker-registry holds images
+pushed by skopeo; real casd daemons import them (`casctl oci import`), sync them
+(`casctl sync`) and serve them (`casd serve --oci-listen`); skopeo pulls them back into an
+OCI layout, and every digest is compared with the upstream's."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from casd import zstd
+from casd.chunking import Chunker, chunk_id
+from casd.oci.tarcut import TarCutter
+from tests.integration.harness import Daemon, Result, casctl, ok
+from tests.oci.images import (
+    LayoutImage,
+    LayoutIndex,
+    build_index_two_platforms,
+    build_layout_python,
+    build_layout_umoci,
+    push_layout,
+    real_files,
+    require_tool,
+    skopeo_copy,
+)
+from tests.oci.registry_harness import Registry, auth_proxy, docker_registry, free_port
+
+STDLIB = Path(json.__file__).parent.parent
+
+
+@dataclass
+class Casd:
+    daemon: Daemon
+    oci: str  # host:port of the OCI pull API
+
+    def __call__(self, *args: str) -> Result:
+        return casctl(self.daemon, *args)
+
+
+def start_casd(tmp: Path, name: str) -> Casd:
+    port = free_port()
+    d = Daemon(tmp / name, tmp / f"{name}.log", args=["--oci-listen", f"127.0.0.1:{port}"])
+    return Casd(d.start(), f"127.0.0.1:{port}")
+
+
+@pytest.fixture
+def casd_a(tmp_path: Path) -> Iterator[Casd]:
+    c = start_casd(tmp_path, "a")
+    yield c
+    c.daemon.stop()
+
+
+@pytest.fixture
+def casd_b(tmp_path: Path) -> Iterator[Casd]:
+    c = start_casd(tmp_path, "b")
+    yield c
+    c.daemon.stop()
+
+
+@dataclass
+class Upstream:
+    registry: Registry
+    one: LayoutImage
+    many: LayoutImage
+    index: LayoutIndex
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    for tool in ("docker-registry", "skopeo", "umoci"):
+        require_tool(tool)
+    layout = tmp_path_factory.mktemp("layout")
+    one = build_layout_python(layout, "one", [real_files(STDLIB / "email", 300_000)])
+    many = build_layout_python(
+        layout,
+        "many",
+        [
+            real_files(STDLIB / "json", 40_000),
+            real_files(STDLIB / "email", 300_000),
+            real_files("/usr/share/doc", 1_200_000, suffixes=(".gz",)),
+            {"app/run.sh": b"#!/bin/sh\necho hi\n"},
+            {"etc/empty-dir/.keep": b""},
+        ],
+        compresslevel=9,
+    )
+    index = build_index_two_platforms(layout, "multi", shared=real_files(STDLIB / "http", 80_000))
+    with docker_registry(tmp_path_factory.mktemp("registry")) as reg:
+        push_layout(layout, "one", reg.host, "lib/one", dest_tag="v1")
+        push_layout(layout, "many", reg.host, "lib/many", dest_tag="v1")
+        push_layout(layout, "multi", reg.host, "lib/multi", dest_tag="v1")
+        yield Upstream(reg, one, many, index)
+
+
+def pull_with_skopeo(oci: str, ref: str, dest: Path, *extra: str) -> dict[str, object]:
+    """`skopeo copy docker://casd/REF oci:DEST:TAG`; returns the layout's index entry."""
+    tag = ref.rsplit(":", 1)[1]
+    skopeo_copy(f"docker://{oci}/{ref}", f"oci:{dest}:{tag}", *extra)
+    index = json.loads((dest / "index.json").read_text())
+    (entry,) = [
+        m
+        for m in index["manifests"]
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+    ]
+    return entry  # type: ignore[no-any-return]
+
+
+def layout_blobs(dest: Path) -> set[str]:
+    out = set()
+    for p in (dest / "blobs" / "sha256").iterdir():
+        assert "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() == "sha256:" + p.name
+        out.add("sha256:" + p.name)
+    return out
+
+
+def import_(c: Casd, ref: str, *extra: str) -> dict[str, object]:
+    r = ok(c("oci", "import", ref, "--insecure", "--json", *extra))
+    return json.loads(r.out)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("which", ["one", "many"])
+def test_skopeo_pulls_an_imported_image_with_the_upstream_digests(
+    upstream: Upstream, casd_a: Casd, tmp_path: Path, which: str
+) -> None:
+    image: LayoutImage = getattr(upstream, which)
+    report = import_(casd_a, f"{upstream.registry.host}/lib/{which}:v1")
+    assert report["digest"] == image.manifest_digest
+    assert report["name"] == f"lib/{which}:v1"
+    layers = report["layers"]
+    assert isinstance(layers, list)
+    assert {x["stored"] for x in layers} == {"reencodable"}  # Python's gzip reproduces
+
+    dest = tmp_path / "pulled"
+    entry = pull_with_skopeo(casd_a.oci, f"lib/{which}:v1", dest)
+    assert entry["digest"] == image.manifest_digest
+    assert layout_blobs(dest) == {image.manifest_digest, *image.blobs}
+    for digest in image.blobs:
+        assert (dest / "blobs/sha256" / digest[7:]).read_bytes() == image.blob(digest)
+
+    # A second import moves no layer again.
+    again = import_(casd_a, f"{upstream.registry.host}/lib/{which}:v1")
+    assert again["bytes_downloaded"] == 0
+    assert {x["stored"] for x in again["layers"]} == {"present"}  # type: ignore[union-attr]
+
+
+def test_an_index_with_two_platforms_is_served_whole(
+    upstream: Upstream, casd_a: Casd, tmp_path: Path
+) -> None:
+    ref = f"{upstream.registry.host}/lib/multi:v1"
+    report = import_(casd_a, ref, "--all-platforms")
+    assert report["digest"] == upstream.index.index_digest
+    assert report["manifests"] == 2
+    dest = tmp_path / "pulled"
+    entry = pull_with_skopeo(casd_a.oci, "lib/multi:v1", dest, "--all")
+    assert entry["digest"] == upstream.index.index_digest
+    assert layout_blobs(dest) == {upstream.index.index_digest, *upstream.index.blobs}
+
+    # One platform only: the name points at that platform's manifest.
+    arm = import_(casd_a, ref, "--platform", "linux/arm64", "--name", "multi-arm:v1")
+    assert arm["digest"] == upstream.index.images["linux/arm64"].manifest_digest
+    bad = casd_a("oci", "import", ref, "--insecure", "--platform", "linux/s390x")
+    assert bad.code == 1 and "no image for platform linux/s390x" in bad.err
+    assert "linux/amd64" in bad.err
+
+
+def test_credentials_basic_and_bearer(upstream: Upstream, casd_a: Casd, tmp_path: Path) -> None:
+    with docker_registry(tmp_path / "basic", users={"casd": "s3cret"}) as reg:
+        push_layout(upstream.one.layout, "one", reg.host, "lib/one", creds=("casd", "s3cret"))
+        denied = casd_a("oci", "import", f"{reg.host}/lib/one:one", "--insecure")
+        assert denied.code == 1 and "--creds" in denied.err
+        report = import_(casd_a, f"{reg.host}/lib/one:one", "--creds", "casd:s3cret")
+        assert report["digest"] == upstream.one.manifest_digest
+    with auth_proxy(upstream.registry.host, users={"u": "p"}, anonymous=False) as proxy:
+        report = import_(
+            casd_a, f"{proxy.host}/lib/many:v1", "--creds", "u:p", "--name", "via-token:v1"
+        )
+        assert report["digest"] == upstream.many.manifest_digest
+        assert proxy.state.token_hits >= 1
+
+
+def test_a_corrupted_layer_fails_the_import_and_names_nothing(
+    upstream: Upstream, casd_a: Casd
+) -> None:
+    layer = upstream.many.layer_digests[1]
+    with auth_proxy(upstream.registry.host, auth="none", corrupt={layer}) as proxy:
+        r = casd_a("oci", "import", f"{proxy.host}/lib/many:v1", "--insecure", "--name", "bad:v1")
+    assert r.code == 1
+    assert "digest" in r.err.lower()
+    names = json.loads(ok(casd_a("ls", "--json")).out)
+    assert not [n for n in names if n["name"] == "bad:v1"]
+    assert ok(casd_a("fsck")).code == 0
+
+
+# --- versions of an image: dedup at rest, deltas on the wire ------------------------------
+
+
+def package_tree(version: int) -> dict[str, bytes | Path]:
+    """A site-packages-like layer of real Python packages; `version` bumps three of them
+    (their files change) as a release of a few packages would."""
+    spec: dict[str, bytes | Path] = {}
+    for pkg in ("email", "json", "http", "xml", "logging", "urllib", "unittest", "asyncio"):
+        for path in sorted((STDLIB / pkg).rglob("*.py")):
+            rel = "usr/lib/app/site-packages/" + path.relative_to(STDLIB).as_posix()
+            if version > 1 and pkg in ("json", "http", "logging"):
+                spec[rel] = path.read_bytes() + f"\n# bumped to release {version}\n".encode()
+            else:
+                spec[rel] = path
+    return spec
+
+
+def zstd_of_chunks(chunks: list[bytes]) -> int:
+    return len(zstd.compress(b"".join(chunks), 3))
+
+
+def distinct_chunks(*tars: bytes) -> dict[bytes, bytes]:
+    cutter = TarCutter(Chunker())
+    out: dict[bytes, bytes] = {}
+    for tar in tars:
+        for c in cutter.cut(tar):
+            out.setdefault(chunk_id(c), bytes(c))
+    return out
+
+
+def test_versions_share_chunks_at_rest_and_sync_as_deltas(
+    upstream: Upstream, casd_a: Casd, casd_b: Casd, tmp_path: Path
+) -> None:
+    layout = tmp_path / "versions"
+    base = real_files("/usr/share/doc", 600_000, suffixes=(".gz",))
+    images = {
+        v: build_layout_python(layout, f"v{v}", [base, package_tree(v)], compresslevel=6)
+        for v in (1, 2)
+    }
+    for v in (1, 2):
+        push_layout(layout, f"v{v}", upstream.registry.host, "lib/pyapp")
+    a_before = json.loads(ok(casd_a("stats", "--json")).out)["store_stored_bytes"]
+    for v in (1, 2):
+        import_(casd_a, f"{upstream.registry.host}/lib/pyapp:v{v}")
+    stored = json.loads(ok(casd_a("stats", "--json")).out)["store_stored_bytes"] - a_before
+
+    tars = {v: [gzip.decompress(im.blob(d)) for d in im.layer_digests] for v, im in images.items()}
+    unique = distinct_chunks(*tars[1], *tars[2])
+    # Every distinct chunk once, each zstd'd as the store does: shared files are not
+    # stored twice, and no compressed copy of a layer is kept.
+    per_chunk = sum(len(zstd.compress(c, 3)) for c in unique.values())
+    as_stream = zstd_of_chunks(list(unique.values()))
+    print(
+        f"stored {stored} B for v1+v2; their distinct chunks zstd'd one by one {per_chunk} B, "
+        f"as one stream {as_stream} B; the two versions' gzip layers "
+        f"{sum(images[1].layer_sizes) + sum(images[2].layer_sizes)} B"
+    )
+    assert stored <= 1.1 * per_chunk
+
+    ok(casd_a("sync", casd_a.daemon.address, casd_b.daemon.address, "lib/pyapp:v1"))
+    v1_chunks = distinct_chunks(*tars[1])
+    lacking = [c for cid, c in distinct_chunks(*tars[2]).items() if cid not in v1_chunks]
+    r = json.loads(
+        ok(
+            casd_a("sync", casd_a.daemon.address, casd_b.daemon.address, "lib/pyapp:v2", "--json")
+        ).out
+    )
+    plain = sum(images[2].layer_sizes)
+    print(
+        f"sync of v2: {r['wire_bytes']} B on the wire; zstd of the chunks B lacks "
+        f"{zstd_of_chunks(lacking)} B; the gzip layers are {plain} B"
+    )
+    assert r["wire_bytes"] <= 1.2 * zstd_of_chunks(lacking)
+
+    dest = tmp_path / "pulled"
+    entry = pull_with_skopeo(casd_b.oci, "lib/pyapp:v2", dest)
+    assert entry["digest"] == images[2].manifest_digest
+    assert layout_blobs(dest) == {images[2].manifest_digest, *images[2].blobs}
+
+
+def test_go_gzip_layers_are_kept_raw_and_convert_makes_them_sync_as_deltas(
+    upstream: Upstream, casd_a: Casd, casd_b: Casd, tmp_path: Path
+) -> None:
+    roots = {}
+    for v in (1, 2):
+        root = tmp_path / f"rootfs{v}"
+        shutil.copytree(STDLIB / "email", root / "usr/lib/email")
+        shutil.copytree(STDLIB / "asyncio", root / "usr/lib/asyncio")
+        if v == 2:
+            with open(root / "usr/lib/email/parser.py", "a") as f:
+                f.write("\n# release 2\n")
+        roots[v] = root
+    layout = tmp_path / "umoci"
+    images = {v: build_layout_umoci(layout, f"v{v}", [roots[v]]) for v in (1, 2)}
+    for v in (1, 2):
+        push_layout(layout, f"v{v}", upstream.registry.host, "lib/goimg")
+        report = import_(casd_a, f"{upstream.registry.host}/lib/goimg:v{v}")
+        (layer,) = report["layers"]  # type: ignore[misc]
+        assert layer["stored"] == "raw"  # Go's gzip: zlib does not reproduce it
+        assert "not made by zlib" in layer["note"] or layer["note"]
+
+    converted = {}
+    for v in (1, 2):
+        out = json.loads(
+            ok(casd_a("oci", "convert", f"lib/goimg:v{v}", f"lib/goimg:v{v}-casd", "--json")).out
+        )
+        assert out["layers_converted"] == 1
+        converted[v] = out["digest"]
+        info = json.loads(ok(casd_a("oci", "inspect", f"lib/goimg:v{v}-casd", "--json")).out)
+        (m,) = info["manifests"]
+        assert m["config"] == images[v].config_digest  # image id and diff_ids unchanged
+        assert m["layers"][0]["stored"] == "reencodable"
+
+    ok(casd_a("sync", casd_a.daemon.address, casd_b.daemon.address, "lib/goimg:v1-casd"))
+    r = json.loads(
+        ok(
+            casd_a(
+                "sync", casd_a.daemon.address, casd_b.daemon.address, "lib/goimg:v2-casd", "--json"
+            )
+        ).out
+    )
+    layer_size = images[2].layer_sizes[0]
+    print(f"converted v2 synced in {r['wire_bytes']} B; its gzip layer is {layer_size} B")
+    assert r["wire_bytes"] < layer_size / 10
+
+    dest = tmp_path / "pulled"
+    entry = pull_with_skopeo(casd_b.oci, "lib/goimg:v2-casd", dest)
+    assert entry["digest"] == converted[2]
+    got = json.loads((dest / "blobs/sha256" / converted[2][7:]).read_bytes())
+    assert got["config"]["digest"] == images[2].config_digest
+    diff_ids = json.loads(images[2].config)["rootfs"]["diff_ids"]
+    (layer_digest,) = [x["digest"] for x in got["layers"]]
+    tar = gzip.decompress((dest / "blobs/sha256" / layer_digest[7:]).read_bytes())
+    assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff_ids[0]
+
+
+def test_casctl_oci_export_writes_a_layout_skopeo_reads(
+    upstream: Upstream, casd_a: Casd, tmp_path: Path
+) -> None:
+    import_(casd_a, f"{upstream.registry.host}/lib/many:v1")
+    out = tmp_path / "exported"
+    ok(casd_a("oci", "export", "lib/many:v1", str(out)))
+    assert layout_blobs(out) == {upstream.many.manifest_digest, *upstream.many.blobs}
+    again = tmp_path / "copied"
+    skopeo_copy(f"oci:{out}:v1", f"oci:{again}:v1")
+    assert layout_blobs(again) == layout_blobs(out)

@@ -1,0 +1,280 @@
+"""How casd holds layers: ingest (re-encodable, raw, uncompressed), re-encoding byte-exact,
+the cache, serving ranges, convert and materialize. In-process on a MemoryStore."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from casd.chunking import Chunker, format_digest
+from casd.oci import media
+from casd.oci.importer import ImportError_, ingest_layer, layer_present
+from casd.oci.layers import (
+    LayerCache,
+    LayerError,
+    LayerRecord,
+    encode_layer,
+    put_bytes,
+    read_blob,
+    read_record,
+    verified_encoding,
+)
+from casd.oci.ops import convert_image, inspect_image, materialize
+from casd.oci.source import StoreSource
+from casd.storage.memory import MemoryStore
+from tests.oci.images import make_tar, real_files
+
+
+def sha(data: bytes) -> str:
+    return format_digest(hashlib.sha256(data).digest())
+
+
+@pytest.fixture(scope="module")
+def tar_bytes() -> bytes:
+    return make_tar(
+        real_files("/usr/lib/python3", 3_000_000, suffixes=(".py",)), mtime=1_700_000_000
+    )
+
+
+def spool(tmp_path: Path, data: bytes) -> str:
+    path = tmp_path / f"spool-{sha(data)[7:19]}"
+    path.write_bytes(data)
+    return str(path)
+
+
+def ingest(store: MemoryStore, tmp_path: Path, data: bytes, mt: str, diff: str | None = None):  # type: ignore[no-untyped-def]
+    desc = media.Descriptor(mt, sha(data), len(data))
+    return ingest_layer(store, Chunker(), None, spool(tmp_path, data), desc, diff)
+
+
+@pytest.mark.parametrize("level", [1, 6, 9])
+def test_a_python_gzip_layer_is_kept_uncompressed_and_re_encodes_byte_exact(
+    tmp_path: Path, tar_bytes: bytes, level: int
+) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, compresslevel=level, mtime=1234)
+    out = ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP, sha(tar_bytes))
+    assert out.stored == "reencodable"
+    assert out.uncompressed == sha(tar_bytes)
+    assert not store.has_blob(sha(layer))  # only the tar's chunks are kept
+    rec = read_record(store, sha(layer))
+    assert rec is not None and rec.reencodable
+    assert b"".join(encode_layer(store, rec)) == layer
+    assert read_blob(store, rec.uncompressed) == tar_bytes
+    assert layer_present(store, sha(layer))
+
+
+def test_a_layer_no_zlib_setting_reproduces_is_kept_as_it_came(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    gzip_tool = shutil.which("gzip")
+    assert gzip_tool, "GNU gzip is part of every Debian system"
+    # GNU gzip's own deflate: it may or may not match zlib; pigz-like streams do not. Build
+    # a stream zlib cannot produce for sure: two gzip members.
+    layer = gzip.compress(tar_bytes[:100_000], mtime=0) + gzip.compress(
+        tar_bytes[100_000:], mtime=0
+    )
+    store = MemoryStore()
+    out = ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP, sha(tar_bytes))
+    assert out.stored == "raw"
+    assert out.note
+    assert store.has_blob(sha(layer)) and read_blob(store, sha(layer)) == layer
+    rec = read_record(store, sha(layer))
+    assert rec is not None and rec.raw == sha(layer) and rec.uncompressed == sha(tar_bytes)
+    assert subprocess.run([gzip_tool, "--version"], capture_output=True).returncode == 0
+
+
+def test_a_zstd_layer_is_kept_raw_with_its_content_chunked(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    from casd import zstd
+
+    layer = zstd.compress(tar_bytes, 3)
+    store = MemoryStore()
+    out = ingest(
+        store, tmp_path, layer, "application/vnd.oci.image.layer.v1.tar+zstd", sha(tar_bytes)
+    )
+    assert out.stored == "raw"
+    assert read_blob(store, out.uncompressed) == tar_bytes
+
+
+def test_an_uncompressed_layer_is_its_own_blob(tmp_path: Path, tar_bytes: bytes) -> None:
+    store = MemoryStore()
+    out = ingest(store, tmp_path, tar_bytes, "application/vnd.oci.image.layer.v1.tar")
+    assert out.stored == "uncompressed"
+    assert read_blob(store, sha(tar_bytes)) == tar_bytes
+    assert read_record(store, sha(tar_bytes)) is None
+
+
+def test_a_diff_id_that_does_not_match_fails_the_import(tmp_path: Path, tar_bytes: bytes) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, mtime=0)
+    with pytest.raises(ImportError_, match="diff_id"):
+        ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP, sha(b"something else"))
+    assert read_record(store, sha(layer)) is None
+    assert not layer_present(store, sha(layer))
+
+
+def test_a_truncated_gzip_layer_is_an_error_not_a_crash(tmp_path: Path, tar_bytes: bytes) -> None:
+    layer = gzip.compress(tar_bytes, mtime=0)[:-1000]
+    with pytest.raises(ImportError_):
+        ingest(MemoryStore(), tmp_path, layer, media.OCI_LAYER_GZIP)
+
+
+def test_a_wrong_record_never_streams_a_complete_wrong_blob(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP)
+    rec = read_record(store, sha(layer))
+    assert rec is not None and rec.encoding is not None
+    lying = LayerRecord(
+        rec.digest,
+        rec.size,
+        rec.media_type,
+        rec.uncompressed,
+        rec.uncompressed_size,
+        encoding={**rec.encoding, "level": 1 if rec.encoding["level"] != 1 else 9},
+    )
+    got = b""
+    with pytest.raises(LayerError, match="does not reproduce"):
+        for piece in verified_encoding(store, lying):
+            got += piece
+    assert len(got) < rec.size  # the last piece was held back, or the excess cut off
+
+
+def test_the_cache_holds_only_verified_copies(tmp_path: Path, tar_bytes: bytes) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP)
+    rec = read_record(store, sha(layer))
+    assert rec is not None
+    cache = LayerCache(str(tmp_path / "cache"), max_bytes=10 * len(layer))
+    assert cache.fill(store, rec)
+    assert Path(cache.path(rec.digest)).read_bytes() == layer
+    bad = LayerRecord(
+        rec.digest,
+        rec.size + 1,
+        rec.media_type,
+        rec.uncompressed,
+        rec.uncompressed_size,
+        encoding=rec.encoding,
+    )
+    Path(cache.path(rec.digest)).unlink()
+    assert not cache.fill(store, bad)
+    assert not cache.has(rec.digest)
+    assert not [p for p in Path(cache.dir).iterdir()]  # no temporary left behind
+
+
+def test_the_cache_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    cache = LayerCache(str(tmp_path / "c"), max_bytes=250)
+    for i in range(3):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(bytes(100))
+        cache.adopt(f"sha256:{i:064x}", str(p))
+    assert not cache.has(f"sha256:{0:064x}")
+    assert cache.has(f"sha256:{2:064x}")
+
+
+async def test_the_store_source_serves_every_kind_of_blob_and_range(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP)
+    plain = put_bytes(store, b"config bytes", Chunker())
+
+    async def run(fn, *args):  # type: ignore[no-untyped-def]
+        return fn(*args)
+
+    for cache in (None, LayerCache(str(tmp_path / "cache"))):
+        source = StoreSource(store, run, cache)
+        for digest, data in ((sha(layer), layer), (plain, b"config bytes")):
+            assert await source.blob_size("any/repo", digest) == len(data)
+            for start, end in ((0, len(data)), (5, 9), (len(data) - 3, len(data))):
+                async with source.open_blob("any/repo", digest, start, end) as pieces:
+                    got = b"".join([bytes(p) async for p in pieces])
+                assert got == data[start:end], (digest, start, end)
+        if cache is not None:
+            assert cache.has(sha(layer))  # the whole-layer read filled it
+    assert await StoreSource(store, run).blob_size("r", sha(b"nothing")) is None
+
+
+def image(store: MemoryStore, layers: list[bytes], tars: list[bytes], mt: str) -> tuple[str, str]:
+    chunker = Chunker()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in tars]},
+        }
+    ).encode()
+    cfg = put_bytes(store, config, chunker)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": media.OCI_MANIFEST,
+            "config": {"mediaType": media.OCI_CONFIG, "digest": cfg, "size": len(config)},
+            "layers": [{"mediaType": mt, "digest": sha(x), "size": len(x)} for x in layers],
+        }
+    ).encode()
+    return put_bytes(store, manifest, chunker, "app:v1"), cfg
+
+
+def test_convert_makes_raw_layers_re_encodable_and_keeps_the_config(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    store = MemoryStore()
+    raw_layer = gzip.compress(tar_bytes[:60_000], mtime=0) + gzip.compress(
+        tar_bytes[60_000:], mtime=0
+    )
+    ingest(store, tmp_path, raw_layer, media.OCI_LAYER_GZIP)
+    top, cfg = image(store, [raw_layer], [tar_bytes], media.OCI_LAYER_GZIP)
+    before = inspect_image(store, "app:v1")
+    assert before["manifests"][0]["layers"][0]["stored"] == "raw"
+
+    result = convert_image(store, None, "app:v1", "app:v1-casd")
+    assert result["layers_converted"] == 1 and result["digest"] != top
+    after = inspect_image(store, "app:v1-casd")
+    m = after["manifests"][0]
+    assert m["config"] == cfg  # the image id, and so every diff_id, is unchanged
+    assert m["layers"][0]["stored"] == "reencodable"
+    new_layer = m["layers"][0]["digest"]
+    rec = read_record(store, new_layer)
+    assert rec is not None and rec.uncompressed == sha(tar_bytes)
+    assert gzip.decompress(b"".join(encode_layer(store, rec))) == tar_bytes
+    # Converting again changes nothing.
+    assert convert_image(store, None, "app:v1-casd", "app:again")["layers_converted"] == 0
+
+
+def test_materialize_stores_the_compressed_bytes_as_a_blob(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP)
+    assert not store.has_blob(sha(layer))
+    assert materialize(store, sha(layer)) == {"digest": sha(layer), "created": True}
+    assert read_blob(store, sha(layer)) == layer
+    assert materialize(store, sha(layer))["created"] is False
+
+
+def test_inspect_counts_bytes_no_other_blob_holds(tmp_path: Path, tar_bytes: bytes) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP)
+    image(store, [layer], [tar_bytes], media.OCI_LAYER_GZIP)
+    alone = inspect_image(store, "app:v1")["manifests"][0]["layers"][0]["unique_bytes"]
+    # Every distinct chunk of the tar (a chunk repeated inside the tar counts once).
+    assert len(tar_bytes) * 0.99 < alone <= len(tar_bytes)
+    # Another blob holding the first half of the tar takes those chunks out of "unique".
+    put_bytes(store, tar_bytes[: len(tar_bytes) // 2], Chunker())
+    shared = inspect_image(store, "app:v1")["manifests"][0]["layers"][0]["unique_bytes"]
+    assert 0 < shared < alone
