@@ -42,9 +42,9 @@ from casd.errors import (
 )
 from casd.ingest import BlobIngest, IngestError, StoreBatch
 from casd.nursery import open_nursery
-from casd.peer import PeerConnection
 from casd.oci.layers import LayerCache
 from casd.oci.sync import sync_with_images
+from casd.peer import PeerConnection
 from casd.replicate import Throttle, resolve_names
 from casd.server import ops
 from casd.storage._encode import decode_stored

@@ -165,7 +165,8 @@ def test_an_index_with_two_platforms_is_served_whole(
     arm = import_(casd_a, ref, "--platform", "linux/arm64", "--name", "multi-arm:v1")
     assert arm["digest"] == upstream.index.images["linux/arm64"].manifest_digest
     bad = casd_a("oci", "import", ref, "--insecure", "--platform", "linux/s390x")
-    assert bad.code == 1 and "no image for platform linux/s390x" in bad.err
+    assert bad.code == 1
+    assert "no image for platform linux/s390x" in bad.err
     assert "linux/amd64" in bad.err
 
 
@@ -173,7 +174,8 @@ def test_credentials_basic_and_bearer(upstream: Upstream, casd_a: Casd, tmp_path
     with docker_registry(tmp_path / "basic", users={"casd": "s3cret"}) as reg:
         push_layout(upstream.one.layout, "one", reg.host, "lib/one", creds=("casd", "s3cret"))
         denied = casd_a("oci", "import", f"{reg.host}/lib/one:one", "--insecure")
-        assert denied.code == 1 and "--creds" in denied.err
+        assert denied.code == 1
+        assert "--creds" in denied.err
         report = import_(casd_a, f"{reg.host}/lib/one:one", "--creds", "casd:s3cret")
         assert report["digest"] == upstream.one.manifest_digest
     with auth_proxy(upstream.registry.host, users={"u": "p"}, anonymous=False) as proxy:
