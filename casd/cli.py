@@ -204,6 +204,9 @@ async def cmd_stat(client: Client, args: argparse.Namespace) -> int:
 
 async def cmd_ls(client: Client, args: argparse.Namespace) -> int:
     entries = await client.list_names(args.prefix)
+    if not args.all and not args.prefix.startswith("."):
+        # Names starting with "." are casd's bookkeeping (OCI layer records).
+        entries = [(n, d) for n, d in entries if not n.startswith(".")]
     if args.json:
         print(json.dumps([{"name": n, "digest": d} for n, d in entries]))
     else:
@@ -475,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ls", parents=[common], help="list names and their digests")
     s.add_argument("prefix", nargs="?", default="", help="only names starting with this")
+    s.add_argument(
+        "-a",
+        "--all",
+        action="store_true",
+        help="also names starting with '.' (casd's own, e.g. .oci/layer/DIGEST records)",
+    )
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("tag", parents=[common], help="point NAME at a blob")

@@ -257,6 +257,10 @@ class Client:
                     return dict(reply.result)
                 if on_progress is not None:
                     on_progress(reply.progress)
+        except PeerRefused as exc:
+            if exc.code_name == "NOT_FOUND":
+                exc.hint = None  # the operation's message says what was missing, and where
+            raise
         finally:
             self._close(rid)
 

@@ -143,6 +143,12 @@ def test_skopeo_pulls_an_imported_image_with_the_upstream_digests(
     for digest in image.blobs:
         assert (dest / "blobs/sha256" / digest[7:]).read_bytes() == image.blob(digest)
 
+    # The layer records are casd's bookkeeping: `ls` shows them only when asked.
+    shown = {e["name"] for e in json.loads(ok(casd_a("ls", "--json")).out)}
+    everything = {e["name"] for e in json.loads(ok(casd_a("ls", "--all", "--json")).out)}
+    assert shown == {f"lib/{which}:v1"}
+    assert everything - shown == {f".oci/layer/{d}" for d in image.layer_digests}
+
     # A second import moves no layer again.
     again = import_(casd_a, f"{upstream.registry.host}/lib/{which}:v1")
     assert again["bytes_downloaded"] == 0

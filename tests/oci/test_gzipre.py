@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import shutil
 import subprocess
 import tarfile
 import time
@@ -27,6 +26,7 @@ from casd.oci.gzipre import (
     find_params,
     parse_header,
 )
+from tests.oci.images import require_tool
 
 
 def sample(n: int, seed: int = 0) -> bytes:
@@ -153,9 +153,7 @@ def test_gnu_gzip_streams_are_classified_consistently() -> None:
     with gzip 1.12 / zlib 1.2.13 a highly repetitive input under ``-9`` came out equal to
     zlib level 9 memLevel 9, this sample under every option did not. So only assert that
     the answer holds up: "reproducible" exactly when re-encoding is byte-exact."""
-    gz = shutil.which("gzip")
-    if gz is None:
-        pytest.skip("no gzip command")
+    gz = require_tool("gzip")
     for args in (["-n"], ["-9", "-n"], ["-1", "-n"], []):
         stream = subprocess.run([gz, "-c", *args], input=DATA, capture_output=True, check=True)
         p = assert_classified(stream.stdout, DATA)
@@ -163,9 +161,7 @@ def test_gnu_gzip_streams_are_classified_consistently() -> None:
 
 
 def test_pigz_streams_are_classified_consistently() -> None:
-    pigz = shutil.which("pigz")
-    if pigz is None:
-        pytest.skip("pigz is not installed")
+    pigz = require_tool("pigz")
     for args in (["-n"], ["-n", "-p", "1"], ["-n", "-9"]):
         stream = subprocess.run([pigz, "-c", *args], input=DATA, capture_output=True, check=True)
         p = assert_classified(stream.stdout, DATA)
@@ -173,9 +169,7 @@ def test_pigz_streams_are_classified_consistently() -> None:
 
 
 def test_a_go_gzip_layer_from_umoci_is_classified(tmp_path: Path) -> None:
-    umoci = shutil.which("umoci")
-    if umoci is None:
-        pytest.skip("umoci is not installed")
+    umoci = require_tool("umoci")
     src = tmp_path / "rootfs" / "app"
     src.mkdir(parents=True)
     (src / "data.bin").write_bytes(DATA[:400_000])
