@@ -371,6 +371,16 @@ async def cmd_sync(args: argparse.Namespace) -> int:
             f"{human(wire)} on the wire in {seconds:.2f}s ({human(wire / max(seconds, 1e-9))}/s)",
             file=sys.stderr,
         )
+        if int(report.get("chunks_delta", 0)):
+            print(
+                f"deltas: {report['chunks_delta']} chunks, {human(int(report['delta_raw_bytes']))} "
+                f"as {human(int(report['delta_wire_bytes']))}, decoded in "
+                f"{float(report['delta_decode_s']):.2f}s; the source served "
+                f"{report.get('source_delta_batches', 0)} batches encoded and "
+                f"{report.get('source_plain_batches', 0)} as stored "
+                f"(encoding took {float(report.get('source_delta_encode_s', 0)):.2f}s)",
+                file=sys.stderr,
+            )
     return 0
 
 

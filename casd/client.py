@@ -15,9 +15,11 @@ import itertools
 import math
 import mmap
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn
 
 import casproto
@@ -33,6 +35,7 @@ from casd.errors import (
     PeerError,
     PeerGone,
     PeerRefused,
+    StoreError,
 )
 from casd.ingest import MAX_CHUNK_SIZE
 from casd.nursery import open_nursery
@@ -99,6 +102,8 @@ class Client:
     """A connected, handshaken client. Make one with :func:`open_client`."""
 
     def __init__(self, peer: PeerConnection, welcome: casproto.Welcome, compress: bool) -> None:
+        #: Delta-encoded chunks received on this connection: savings and decode time.
+        self.delta = DeltaFigures()
         self.peer = peer
         self.welcome = welcome
         self.features = frozenset(welcome.features)
@@ -521,6 +526,7 @@ class Client:
         # the sink before the failure is raised: a sync cut off midway keeps every chunk
         # that crossed, and its re-run moves none of them again.
         failure: PeerError | None = None
+        retry: list[bytes] = []  # deltas we could not decode: fetched again as they are
 
         async def ask() -> None:
             nonlocal failure
@@ -563,7 +569,7 @@ class Client:
                         parts: list[list[VerifiedChunk]] = parts,
                     ) -> None:
                         parts[k] = await trio.to_thread.run_sync(
-                            verify_chunks, part, sizes, bases, read_base
+                            verify_chunks, part, sizes, bases, read_base, retry, self.delta
                         )
 
                     async with open_nursery() as checkers:
@@ -584,6 +590,9 @@ class Client:
             nursery.start_soon(deliver)
         if failure is not None:
             raise failure
+        if retry:
+            again = [(cid, sizes[cid]) for cid in dict.fromkeys(retry)]
+            fetched_bytes += await self.fetch_chunks(again, sink)
         return fetched_bytes
 
     async def pull(
@@ -650,8 +659,15 @@ def verify_chunks(
     sizes: dict[bytes, int],
     bases: dict[bytes, tuple[bytes, ...]] | None = None,
     read_base: Callable[[tuple[bytes, ...]], bytes] | None = None,
+    retry: list[bytes] | None = None,
+    figures: DeltaFigures | None = None,
 ) -> list[VerifiedChunk]:
     """Decode fetched chunks and check each against its id. Thread-safe, GIL mostly free.
+
+    With ``retry``, a delta that cannot be decoded here (a base chunk is missing or fails
+    its checksum in our store, or the result does not hash to the id) is not an error: its
+    id goes to ``retry``, to be fetched again without bases. Nothing unverified is ever
+    returned. ``figures`` accumulates what deltas saved and cost to decode.
 
     Raises:
         ChunkCorrupt: a chunk was not asked for, does not decode, or does not hash to its id.
@@ -671,16 +687,49 @@ def verify_chunks(
             hint = bases.get(f.id) if bases else None
             if not hint or read_base is None:
                 raise ChunkCorrupt(f.id, "the server sent a delta that was not asked for")
+            started = time.perf_counter()
             try:
                 data = zstd.decompress_bounded(payload, size, prefix=read_base(hint))
-            except ValueError as exc:
-                raise ChunkCorrupt(f.id, f"sent delta does not decode: {exc}") from exc
+                if len(data) != size or chunk_id(data) != f.id:
+                    raise ValueError("the decoded delta does not hash to the chunk id")
+            except (ValueError, StoreError) as exc:  # StoreError: our base is bad
+                if retry is None:
+                    raise ChunkCorrupt(f.id, f"sent delta does not decode: {exc}") from exc
+                retry.append(f.id)
+                if figures is not None:
+                    figures.fallbacks += 1
+                continue
+            if figures is not None:
+                figures.add(len(payload), size, time.perf_counter() - started)
         else:
             data = payload
         if len(data) != size or chunk_id(data) != f.id:
             raise ChunkCorrupt(f.id, "the server sent bytes that do not hash to the chunk id")
         out.append(VerifiedChunk(f.id, data, casproto.Codec(f.codec), payload))
     return out
+
+
+@dataclass
+class DeltaFigures:
+    """What delta-encoded chunks cost and saved on one connection (receiver's view)."""
+
+    chunks: int = 0
+    raw_bytes: int = 0  # their size decoded
+    wire_bytes: int = 0  # their size as they crossed
+    decode_s: float = 0.0
+    fallbacks: int = 0  # deltas that could not be decoded here and were fetched again
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, wire: int, raw: int, seconds: float) -> None:
+        with self._lock:
+            self.chunks += 1
+            self.wire_bytes += wire
+            self.raw_bytes += raw
+            self.decode_s += seconds
+
+    def snapshot(self) -> tuple[int, int, int, float, int]:
+        with self._lock:
+            return self.chunks, self.raw_bytes, self.wire_bytes, self.decode_s, self.fallbacks
 
 
 @dataclass(slots=True)

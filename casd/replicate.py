@@ -61,6 +61,13 @@ class SyncReport:
     bytes_fetched: int = 0  # chunk payload that crossed (compressed where it was)
     bytes_raw_fetched: int = 0  # the same chunks, uncompressed
     wire_bytes: int = 0
+    # Deltas as this side saw them: raw and wire size, decode time, deltas re-fetched whole.
+    delta_raw_bytes: int = 0
+    delta_wire_bytes: int = 0
+    delta_decode_s: float = 0.0
+    delta_fallbacks: int = 0
+    # The source's choice and cost while this sync ran (its server-wide counters).
+    source: dict[str, int | float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     items: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -80,6 +87,11 @@ class SyncReport:
             "bytes_fetched": self.bytes_fetched,
             "bytes_raw_fetched": self.bytes_raw_fetched,
             "wire_bytes": self.wire_bytes,
+            "delta_raw_bytes": self.delta_raw_bytes,
+            "delta_wire_bytes": self.delta_wire_bytes,
+            "delta_decode_s": round(self.delta_decode_s, 4),
+            "delta_fallbacks": self.delta_fallbacks,
+            **{f"source_{k}": v for k, v in self.source.items()},
             "seconds": round(seconds, 4),
         }
 
@@ -252,6 +264,7 @@ async def sync_into_store(
     """
     report = SyncReport(dry_run=dry_run)
     wire_before = src.peer.wire_bytes
+    delta_before = src.delta.snapshot()
     progress = Throttle(on_progress)
     local_names = dict(await run(store.list_names))
     held = await run(lambda: [store.has_blob(d) for _, d in pairs])
@@ -282,7 +295,22 @@ async def sync_into_store(
             defer_names,
         )
     report.wire_bytes = src.peer.wire_bytes - wire_before
+    _, raw, wire, decode_s, fallbacks = (
+        a - b for a, b in zip(src.delta.snapshot(), delta_before, strict=True)
+    )
+    report.delta_raw_bytes, report.delta_wire_bytes = int(raw), int(wire)
+    report.delta_decode_s, report.delta_fallbacks = float(decode_s), int(fallbacks)
     return report
+
+
+#: Source counters a sync reports the change of (casd stats names).
+SOURCE_DELTA_STATS = ("delta_batches", "plain_batches", "delta_encode_s", "delta_bytes_saved")
+
+
+async def source_delta_stats(src: Client) -> dict[str, int | float]:
+    """The source's delta counters now; a sync reports their change."""
+    stats = await src.stats()
+    return {k: v for k in SOURCE_DELTA_STATS if isinstance(v := stats.get(k, 0), int | float)}
 
 
 async def _copy_all(

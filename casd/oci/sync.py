@@ -33,9 +33,7 @@ Progress = Callable[[dict[str, int | float | str]], Awaitable[None]] | None
 
 def _merge(into: SyncReport, part: SyncReport) -> None:
     for f in fields(SyncReport):
-        if f.name in ("blobs", "blobs_copied", "blobs_present", "blobs_unchanged") or (
-            f.type == "int" and f.name != "wire_bytes"
-        ):
+        if f.type in ("int", "float") and f.name not in ("wire_bytes", "started"):
             setattr(into, f.name, getattr(into, f.name) + getattr(part, f.name))
 
 

@@ -25,6 +25,7 @@ from casd import __version__, zstd
 from casd import ingest as ingest_mod
 from casd.auth import Scope, TokenTable, required_scope
 from casd.client import VerifiedChunk, open_client
+from casd.deltachoice import DeltaChooser
 from casd.errors import (
     BlobMissing,
     CasdError,
@@ -45,7 +46,7 @@ from casd.nursery import open_nursery
 from casd.oci.layers import LayerCache
 from casd.oci.sync import sync_with_images
 from casd.peer import PeerConnection
-from casd.replicate import Throttle, resolve_names
+from casd.replicate import Throttle, resolve_names, source_delta_stats
 from casd.server import ops
 from casd.storage._encode import decode_stored
 from casd.storage.interface import ChunkIn, Store, StoredChunk
@@ -109,6 +110,10 @@ class ServerStats:
     delta_candidates: int = 0
     delta_chunks: int = 0
     delta_bytes_saved: int = 0
+    # WANT_DELTA batches served encoded / as stored, by the measured choice; encode time.
+    delta_batches: int = 0
+    plain_batches: int = 0
+    delta_encode_s: float = 0.0
 
 
 @dataclass
@@ -220,6 +225,8 @@ class Session:
         self.scope = Scope.READ
         self._requests: dict[int, _Request] = {}
         self._wants = _Turnstile()
+        self._delta = DeltaChooser()
+        self._last_sent = -math.inf  # when the last batch of chunks went out
 
     async def run(self) -> None:
         try:
@@ -439,6 +446,9 @@ class Session:
             "delta_candidates": s.delta_candidates,
             "delta_chunks": s.delta_chunks,
             "delta_bytes_saved": s.delta_bytes_saved,
+            "delta_batches": s.delta_batches,
+            "plain_batches": s.plain_batches,
+            "delta_encode_s": round(s.delta_encode_s, 4),
             "store_chunks": st.chunks,
             "store_blobs": st.blobs,
             "store_names": st.names,
@@ -473,22 +483,49 @@ class Session:
         store = self.ctx.store
         bases = ev.bases if isinstance(ev, casproto.WantDelta) else None
 
-        def read(start: int, end: int) -> list[casproto.Chunk]:
+        def read(start: int, end: int, delta: bool) -> tuple[list[casproto.Chunk], int, float]:
             out = []
+            raw = 0
+            encode_s = 0.0
             for k in range(start, end):
                 cid = ev.ids[k]
                 s = store.get_stored(cid)
+                raw += s.raw_size
                 if s.codec == casproto.Codec.ZSTD and not zstd_ok:
                     frame = casproto.Chunk(ev.rid, cid, casproto.Codec.RAW, store.get_chunk(cid))
                 else:
                     frame = casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload)
-                if bases is not None and bases[k]:
+                if delta and bases is not None and bases[k]:
+                    t0 = time.perf_counter()
                     frame = self._delta_or(frame, s, bases[k])
+                    encode_s += time.perf_counter() - t0
                 out.append(frame)
-            return out
+            return out, raw, encode_s
+
+        async def read_batch(start: int, end: int, delta: bool) -> tuple[list[casproto.Chunk], int]:
+            if not delta or end - start < 8:
+                frames, raw, encode_s = await self.ctx.run(read, start, end, delta)
+            else:
+                # zstd releases the GIL: two threads encode the two halves of a batch.
+                mid = (start + end) // 2
+                parts: list[tuple[list[casproto.Chunk], int, float]] = [([], 0, 0.0)] * 2
+
+                async def half(k: int, lo: int, hi: int) -> None:
+                    parts[k] = await self.ctx.run(read, lo, hi, delta)
+
+                async with open_nursery() as halves:
+                    halves.start_soon(half, 0, start, mid)
+                    halves.start_soon(half, 1, mid, end)
+                frames = parts[0][0] + parts[1][0]
+                raw = parts[0][1] + parts[1][1]
+                encode_s = parts[0][2] + parts[1][2]
+            self.ctx.stats.delta_encode_s += encode_s
+            return frames, raw
 
         # A reader task stays one batch ahead of the sender: disk and network overlap.
-        send, recv = trio.open_memory_channel[list[casproto.Chunk]](1)
+        send, recv = trio.open_memory_channel[tuple[list[casproto.Chunk], int, bool | None, float]](
+            1
+        )
 
         async def produce() -> None:
             # Only the WANTs next in line read ahead: a client with a thousand WANTs open
@@ -497,16 +534,29 @@ class Session:
             async with send:
                 for i in range(0, len(ev.ids), SERVE_BATCH):
                     end = min(i + SERVE_BATCH, len(ev.ids))
-                    await send.send(await self.ctx.run(read, i, end))
+                    offered = bases is not None and any(bases[i:end])
+                    # Whether deltas pay is measured, not assumed (casd.deltachoice).
+                    delta = offered and self._delta.choose()
+                    started = trio.current_time()
+                    frames, raw = await read_batch(i, end, delta)
+                    await send.send((frames, raw, delta if offered else None, started))
 
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(produce)
                 await self._wants.wait(ticket)  # reads start now; sending waits its turn
                 async with recv:
-                    async for frames in recv:
+                    async for frames, raw, kind, started in recv:
                         await self.peer.send_many(frames)
                         self.ctx.stats.chunks_sent += len(frames)
+                        now = trio.current_time()
+                        if kind is not None:
+                            self._delta.record(kind, raw, now - max(started, self._last_sent))
+                            if kind:
+                                self.ctx.stats.delta_batches += 1
+                            else:
+                                self.ctx.stats.plain_batches += 1
+                        self._last_sent = now
         finally:
             await self._wants.done(ticket)
 
@@ -578,6 +628,7 @@ class Session:
         source = ev.source
         try:
             async with open_client(source, token=ev.token, tls_ca=self.ctx.tls_ca) as src:
+                before = await source_delta_stats(src)
                 pairs = await resolve_names(src, list(ev.names), ev.all)
                 report = await sync_with_images(
                     src,
@@ -588,6 +639,8 @@ class Session:
                     on_progress=send_progress,
                     cache=self.ctx.oci_cache,
                 )
+                after = await source_delta_stats(src)
+                report.source = {k: round(after[k] - before.get(k, 0), 4) for k in after}
                 report.wire_bytes = src.peer.wire_bytes  # the whole conversation, handshake on
         except PeerRefused as exc:
             raise UpstreamError(f"source {source} refused: {exc.remote_message}", exc.code) from exc

@@ -1,0 +1,194 @@
+"""Delta transfers (SPEC §4.3, issue #7): a chunk travels encoded against chunks the
+receiver holds; a missing, wrong or corrupted base never breaks a transfer and never gets
+an unverified byte stored; bases stay bounded whatever the size of the old version; and
+the sender keeps to deltas only while they deliver bytes faster."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from typing import Any
+
+import casproto
+import pytest
+
+from casd.chunking import Chunker, format_digest
+from casd.deltachoice import DeltaChooser
+from casd.errors import ChunkCorrupt, ChunkMissing
+from casd.replicate import sync_into_store
+from casd.storage.memory import MemoryStore
+from casd.storage.testing import read_blob
+from tests.casd.server.test_service import client_for
+
+
+async def run(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+def edited(data: bytes, at: list[int], seed: int = 1) -> bytes:
+    rnd = random.Random(seed)
+    out = bytearray(data)
+    for pos in at:
+        out[pos : pos + 100] = rnd.randbytes(100)
+    return bytes(out)
+
+
+async def push(store: MemoryStore, data: bytes, name: str) -> str:
+    async with client_for(store) as c:
+        result = await c.push(iter(list(Chunker().cut(data))), name=name)
+    return result.digest
+
+
+async def prepared(size: int = 3_000_000) -> tuple[MemoryStore, MemoryStore, bytes, bytes]:
+    """A source holding v1 and v2 (three small edits) and a destination holding v1."""
+    v1 = os.urandom(size)  # incompressible: only a delta avoids resending changed chunks
+    v2 = edited(v1, [size // 5, size // 2, size * 4 // 5])
+    src, dst = MemoryStore(), MemoryStore()
+    await push(src, v1, "blob")
+    async with client_for(src) as c:
+        await sync_into_store(c, dst, run, [("blob", format_digest(hashlib.sha256(v1).digest()))])
+    await push(src, v2, "blob")
+    return src, dst, v1, v2
+
+
+async def sync_v2(src: MemoryStore, dst: MemoryStore, v2: bytes) -> dict[str, Any]:
+    digest = format_digest(hashlib.sha256(v2).digest())
+    async with client_for(src) as c:
+        report = await sync_into_store(c, dst, run, [("blob", digest)])
+    assert read_blob(dst, digest) == v2
+    return report.as_dict()
+
+
+async def test_with_the_base_present_changed_chunks_travel_as_small_deltas() -> None:
+    src, dst, _, v2 = await prepared()
+    r = await sync_v2(src, dst, v2)
+    assert r["chunks_fetched"] >= 3
+    assert r["chunks_delta"] == r["chunks_fetched"]
+    assert r["bytes_fetched"] < 20_000  # three 100-byte edits, not three ~80 KiB chunks
+    assert r["delta_raw_bytes"] > 10 * r["delta_wire_bytes"]
+    assert r["delta_decode_s"] > 0
+    assert r["delta_fallbacks"] == 0
+
+
+class FlakyBase(MemoryStore):
+    """A destination store whose chunks of the old version fail to read (as a chunk the
+    index lost, or one whose record fails its checksum, would)."""
+
+    def __init__(self, fail: type[Exception] | None = None, lie: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.lie = lie
+        self.old: set[bytes] = set()
+
+    def get_chunk(self, chunk_id: bytes) -> bytes:
+        data = super().get_chunk(chunk_id)
+        if chunk_id in self.old:
+            if self.fail is ChunkCorrupt:
+                raise ChunkCorrupt(chunk_id, "checksum mismatch (test)")
+            if self.fail is ChunkMissing:
+                raise ChunkMissing(chunk_id)
+            if self.lie:  # bitrot the checksum did not catch: different bytes
+                return bytes(b ^ 0x01 for b in data)
+        return data
+
+
+@pytest.mark.parametrize(
+    ("fail", "lie"),
+    [(ChunkMissing, False), (ChunkCorrupt, False), (None, True)],
+    ids=["base-absent", "base-corrupt", "base-wrong-bytes"],
+)
+async def test_a_bad_base_falls_back_to_the_plain_chunk_and_stores_nothing_wrong(
+    fail: type[Exception] | None, lie: bool
+) -> None:
+    size = 3_000_000
+    v1 = os.urandom(size)
+    v2 = edited(v1, [size // 5, size // 2, size * 4 // 5])
+    src, dst = MemoryStore(), FlakyBase(fail, lie)
+    await push(src, v1, "blob")
+    async with client_for(src) as c:
+        await sync_into_store(c, dst, run, [("blob", format_digest(hashlib.sha256(v1).digest()))])
+    await push(src, v2, "blob")
+    # Every chunk of v1 that v2 does not reuse (so every base) now fails to read.
+    dst.old = set(dst.get_recipe(dst.resolve("blob")).ids) - set(
+        src.get_recipe(src.resolve("blob")).ids
+    )
+
+    r = await sync_v2(src, dst, v2)  # also checks every byte of v2 in dst
+    assert r["chunks_fetched"] >= 3
+    assert r["delta_fallbacks"] >= 3
+    assert r["chunks_delta"] == 0  # what was stored came as plain, verified chunks
+    dst.old = set()  # the injected fault ends: every chunk stored must verify
+    assert dst.check(deep=True).clean
+
+
+async def test_bases_stay_bounded_whatever_the_size_of_the_old_version() -> None:
+    """The old version is 40 MB; a delta never needs more than MAX_BASES of its chunks
+    (about 2 MiB) in memory, however much of it is asked to serve as a base."""
+    src, dst, _, _ = await prepared(40_000_000)
+    v2 = edited(read_blob(src, src.resolve("blob")), [i * 1_000_000 for i in range(1, 39)], 7)
+    await push(src, v2, "blob")
+    largest = 0
+    real_get = dst.get_chunk
+    in_base: list[int] = []
+
+    def counting(chunk_id: bytes) -> bytes:
+        data = real_get(chunk_id)
+        in_base.append(len(data))
+        return data
+
+    dst.get_chunk = counting  # type: ignore[method-assign]
+    digest = format_digest(hashlib.sha256(v2).digest())
+    async with client_for(src) as c:
+        real_fetch = c.fetch_chunks
+
+        async def fetch(need: Any, sink: Any, *, bases: Any = None, read_base: Any = None) -> int:
+            def bounded(ids: tuple[bytes, ...]) -> bytes:
+                nonlocal largest
+                assert len(ids) <= casproto.MAX_BASES
+                data: bytes = read_base(ids)
+                largest = max(largest, len(data))
+                return data
+
+            return await real_fetch(
+                need, sink, bases=bases, read_base=bounded if read_base else None
+            )
+
+        c.fetch_chunks = fetch  # type: ignore[method-assign]
+        report = await sync_into_store(c, dst, run, [("blob", digest)])
+    assert read_blob(dst, digest) == v2
+    assert report.chunks_delta > 0
+    assert 0 < largest <= casproto.MAX_BASES * 256 * 1024
+    assert largest < 40_000_000 // 10
+
+
+# --- the choice ------------------------------------------------------------------------
+
+
+def simulate(chooser: DeltaChooser, delta_rate: float, plain_rate: float, n: int) -> list[bool]:
+    kinds = []
+    for _ in range(n):
+        kind = chooser.choose()
+        kinds.append(kind)
+        chooser.record(kind, 1_000_000, 1_000_000 / (delta_rate if kind else plain_rate))
+    return kinds
+
+
+def test_on_a_fast_link_where_encoding_is_slower_than_sending_deltas_stop() -> None:
+    # Encoding delivers 40 MB/s of chunks; sending them as stored, 110 MB/s.
+    kinds = simulate(DeltaChooser(), delta_rate=40e6, plain_rate=110e6, n=40)
+    assert kinds[:2] == [True, False]  # each kind is measured once
+    assert kinds[2:].count(True) <= len(kinds[2:]) // 8 + 1  # then only exploration
+
+
+def test_on_a_slow_link_deltas_win() -> None:
+    # 12 MB/s of wire: plain chunks deliver 12 MB/s, deltas (10x smaller) 60 MB/s of chunks.
+    kinds = simulate(DeltaChooser(), delta_rate=60e6, plain_rate=12e6, n=40)
+    assert kinds[2:].count(False) <= len(kinds[2:]) // 8 + 1
+
+
+def test_the_choice_follows_a_change_of_conditions() -> None:
+    chooser = DeltaChooser()
+    simulate(chooser, delta_rate=60e6, plain_rate=12e6, n=20)
+    later = simulate(chooser, delta_rate=40e6, plain_rate=110e6, n=60)
+    assert later[-16:].count(False) >= 14
