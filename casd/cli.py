@@ -112,6 +112,7 @@ def _result_json(r: TransferResult, seconds: float, **extra: Any) -> dict[str, A
         "chunks": r.chunks,
         "chunks_transferred": r.chunks_transferred,
         "chunks_from_seeds": r.chunks_from_seeds,
+        "chunks_delta": r.chunks_delta,
         "bytes_transferred": r.bytes_transferred,
         "wire_bytes": r.wire_bytes,
         "seconds": round(seconds, 4),

@@ -30,6 +30,7 @@ from casd.chunking import EMPTY_DIGEST, Chunker, ChunkerParams, chunk_id, format
 from casd.errors import (
     CasdError,
     ChunkCorrupt,
+    ChunkMissing,
     ConfigError,
     DigestMismatch,
     PeerError,
@@ -40,6 +41,7 @@ from casd.errors import (
 from casd.ingest import MAX_CHUNK_SIZE
 from casd.nursery import open_nursery
 from casd.peer import PeerConnection, RequestEnded
+from casd.storage.interface import Recipe
 
 Progress = Callable[[int], None]  # called with bytes of the blob done since the last call
 
@@ -82,6 +84,7 @@ class TransferResult:
     chunks_from_seeds: int = 0
     new_chunks: int = 0
     raw_bytes_transferred: int = 0  # the transferred chunks, uncompressed
+    chunks_delta: int = 0  # transferred chunks that came as deltas against a seed
 
 
 def _refused(err: casproto.Error) -> PeerRefused:
@@ -623,13 +626,25 @@ class Client:
                 )
             await trio.to_thread.run_sync(assembler.index_seeds, seeds, self.chunker_params)
         need = assembler.needed()
+        # Chunks the seeds lack may still resemble seed chunks (an older version of the
+        # blob): ask for them as deltas against those (SPEC §4.3).
+        bases: dict[bytes, tuple[bytes, ...]] = {}
+        old = assembler.seed_recipe()
+        if old is not None and need and casproto.PREFIX_FEATURE in self.features:
+            from casd.replicate import choose_bases
+
+            bases = await trio.to_thread.run_sync(choose_bases, recipe, need, old)
+        delta_before = self.delta.snapshot()
 
         async def write(chunks: list[VerifiedChunk]) -> None:
             written = await trio.to_thread.run_sync(assembler.feed, chunks)
             if progress is not None:
                 progress(written)
 
-        fetched_bytes = await self.fetch_chunks(need, write)
+        fetched_bytes = await self.fetch_chunks(
+            need, write, bases=bases or None, read_base=assembler.read_seed if bases else None
+        )
+        deltas = self.delta.snapshot()[0] - delta_before[0]
         written = await trio.to_thread.run_sync(assembler.finish)
         if progress is not None:
             progress(written)
@@ -641,6 +656,7 @@ class Client:
             bytes_transferred=fetched_bytes,
             wire_bytes=self.peer.wire_bytes - wire_before,
             chunks_from_seeds=assembler.from_seeds,
+            chunks_delta=deltas,
         )
 
 
@@ -782,6 +798,9 @@ class _Assembler:
         self.pos = 0  # next recipe entry to write
         self.from_seeds = 0
         self._seed: dict[bytes, memoryview] = {}
+        # Every chunk of the seeds, in order: what a delta may be encoded against.
+        self._seed_all: dict[bytes, memoryview] = {}
+        self._seed_order: list[tuple[bytes, int]] = []
         self._maps: list[mmap.mmap] = []
         self._ready: dict[bytes, bytes | memoryview] = {}
         self._uses: dict[bytes, int] = {}
@@ -805,6 +824,24 @@ class _Assembler:
                 cid = chunk_id(view)
                 if cid in self._uses and cid not in self._seed:
                     self._seed[cid] = view
+                if cid not in self._seed_all:
+                    self._seed_all[cid] = view
+                    self._seed_order.append((cid, len(view)))
+
+    def seed_recipe(self) -> Recipe | None:
+        """The seeds' chunks as one old version, for choosing delta bases."""
+        if not self._seed_order:
+            return None
+        ids = tuple(c for c, _ in self._seed_order)
+        sizes = tuple(n for _, n in self._seed_order)
+        return Recipe("sha256:" + "0" * 64, sum(sizes), ids, sizes)
+
+    def read_seed(self, ids: tuple[bytes, ...]) -> bytes:
+        """The bytes of seed chunks, concatenated: a delta's base (worker thread)."""
+        try:
+            return b"".join(self._seed_all[i] for i in ids)
+        except KeyError as exc:
+            raise ChunkMissing(exc.args[0]) from None
 
     def needed(self) -> list[tuple[bytes, int]]:
         """Distinct chunks no seed holds, in order of first appearance."""
@@ -854,6 +891,7 @@ class _Assembler:
             return written
         finally:
             self._seed.clear()
+            self._seed_all.clear()
             for mm in self._maps:
                 with contextlib.suppress(BufferError):  # a view still lives; GC unmaps
                     mm.close()

@@ -192,3 +192,4 @@ def test_the_choice_follows_a_change_of_conditions() -> None:
     simulate(chooser, delta_rate=60e6, plain_rate=12e6, n=20)
     later = simulate(chooser, delta_rate=40e6, plain_rate=110e6, n=60)
     assert later[-16:].count(False) >= 14
+
