@@ -79,12 +79,21 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="re-compress layers casd cannot reproduce, so the image syncs as deltas",
         description="Writes a new image whose non-reproducible layers (Go's gzip, zstd) are "
-        "re-compressed deterministically (zlib level 6, no timestamp). The config (image "
+        "re-compressed deterministically (zlib, no file name, mtime 0). The config (image "
         "id) and every diff_id stay identical; the layer and manifest digests change. "
         "Prints the new manifest digest.",
     )
     s.add_argument("name", metavar="NAME")
     s.add_argument("new_name", metavar="NEWNAME")
+    s.add_argument(
+        "--level",
+        type=int,
+        default=1,
+        choices=range(1, 10),
+        metavar="1-9",
+        help="zlib level (default 1: every casd host re-encodes a layer once, and level 1 "
+        "does that ~2.5x faster than 6, for ~14%% larger layers for plain registry clients)",
+    )
     s.add_argument("--json", action="store_true")
 
     s = osub.add_parser(
@@ -185,7 +194,9 @@ async def _inspect(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _convert(client: Client, args: argparse.Namespace) -> int:
-    result = await client.call("oci.convert", {"name": args.name, "new_name": args.new_name})
+    result = await client.call(
+        "oci.convert", {"name": args.name, "new_name": args.new_name, "level": args.level}
+    )
     if args.json:
         print(json.dumps(result))
         return 0

@@ -18,8 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from typing import Any
 
+import trio
+
 from casd.client import Client
 from casd.errors import PeerRefused
+from casd.nursery import open_nursery
 from casd.oci import media
 from casd.oci.layers import LayerCache, LayerRecord, read_record, read_small, resolve_name
 from casd.replicate import SyncReport, sync_into_store
@@ -200,37 +203,46 @@ async def _complete_image(
         records[d] = info.digest
     await _sync_digests(src, store, run, plain + list(records.values()), report, on_progress)
 
-    contents: list[str] = []
-    hints: dict[str, str] = {}
-    parsed: dict[str, LayerRecord] = {}
-    for key, layer, i in wanted:
-        rec_digest = records.get(layer.digest)
-        if rec_digest is None:
-            continue
-        data = await run(read_small, store, rec_digest)
-        rec = LayerRecord.from_json(data or b"")
-        parsed[layer.digest] = rec
-        contents.append(rec.uncompressed)
-        if rec.raw is not None:
-            contents.append(rec.raw)
-        bases: list[str] = old_layers.get(key) or next(iter(old_layers.values()), [])
-        if bases:
-            hints[rec.uncompressed] = bases[min(i, len(bases) - 1)]
-    await _sync_digests(src, store, run, contents, report, on_progress, hints)
+    # Layer by layer: a layer kept raw moves as its compressed bytes (as a registry would
+    # send it; its tar can be recovered from them here, no need to move it too); a
+    # re-encodable one as its tar's chunks, delta-encoded against the same layer of the
+    # old image, and is re-encoded and checked here while the next layer transfers.
+    verify_limit = trio.CapacityLimiter(1)  # one core re-encodes, the other receives
+    failed: list[str] = []
 
-    for d, rec in parsed.items():
-        name = media.layer_record_name(d)
-        if rec.raw is not None or not rec.reencodable:
-            await run(store.tag, name, records[d])
-            continue
-        ok = await run(_verify, store, rec, cache)
+    async def verify(d: str, rec: LayerRecord) -> None:
+        async with verify_limit:
+            ok = await run(_verify, store, rec, cache)
         if ok:
-            await run(store.tag, name, records[d])
-            continue
+            await run(store.tag, media.layer_record_name(d), records[d])
+        else:
+            failed.append(d)
+
+    async with open_nursery() as verifiers:
+        for key, layer, i in wanted:
+            d = layer.digest
+            rec_digest = records.get(d)
+            if rec_digest is None:
+                continue
+            data = await run(read_small, store, rec_digest)
+            rec = LayerRecord.from_json(data or b"")
+            if rec.raw is not None or not rec.reencodable:
+                await _sync_digests(src, store, run, [rec.raw or d], report, on_progress)
+                await run(store.tag, media.layer_record_name(d), rec_digest)
+                continue
+            hints: dict[str, str] = {}
+            bases: list[str] = old_layers.get(key) or next(iter(old_layers.values()), [])
+            if bases:
+                hints[rec.uncompressed] = bases[min(i, len(bases) - 1)]
+            await _sync_digests(src, store, run, [rec.uncompressed], report, on_progress, hints)
+            verifiers.start_soon(verify, d, rec)
+
+    for d in failed:
         log.warning("layer %s does not re-encode here; fetching its compressed bytes", d)
         await src.call("oci.materialize", {"digest": d})
         await _sync_digests(src, store, run, [d], report, on_progress)
-        # The blob itself is now what serves the layer; no record needed.
+        # The blob itself now serves the layer; its record (kept on the source) is not
+        # needed here.
 
 
 def _layer_ready(store: Store, digest: str) -> bool:
