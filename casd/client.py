@@ -107,6 +107,8 @@ class Client:
     def __init__(self, peer: PeerConnection, welcome: casproto.Welcome, compress: bool) -> None:
         #: Delta-encoded chunks received on this connection: savings and decode time.
         self.delta = DeltaFigures()
+        #: Whether fetches may ask for deltas (WANT_DELTA); `casd serve --no-delta` clears it.
+        self.allow_deltas = True
         self.peer = peer
         self.welcome = welcome
         self.features = frozenset(welcome.features)
@@ -506,7 +508,10 @@ class Client:
         """
         sizes = dict(need)
         use_delta = (
-            bool(bases) and read_base is not None and (casproto.PREFIX_FEATURE in self.features)
+            self.allow_deltas
+            and bool(bases)
+            and read_base is not None
+            and (casproto.PREFIX_FEATURE in self.features)
         )
         batches: list[tuple[bytes, ...]] = []
         cur: list[bytes] = []

@@ -61,6 +61,7 @@ class ServeConfig:
     # The OCI pull API (read-only, no tokens): off unless asked for.
     oci_listen: tuple[str, int] | None = None
     oci_cache_bytes: int = 8 * 1024**3
+    deltas: bool = True
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -172,6 +173,7 @@ async def serve(
             tls_ca=config.tls_ca,
             data_dir=config.data,
             oci_cache=cache,
+            deltas=config.deltas,
         )
         tcp_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         bound = [lst.socket.getsockname()[:2] for lst in tcp_listeners]
@@ -327,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="disk for re-encoded compressed layers, so a layer is re-encoded once "
         "(default: %(default)s GiB; 0 re-encodes on every pull)",
     )
+    s.add_argument(
+        "--no-delta",
+        action="store_true",
+        help="when syncing from another server, ask for chunks only, never deltas against "
+        "chunks held here (to compare; by default the source serves deltas while they "
+        "deliver faster than plain chunks)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     f = sub.add_parser(
         "fsck",
@@ -384,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_ca=args.tls_ca,
             oci_listen=parse_hostport(args.oci_listen, 5000) if args.oci_listen else None,
             oci_cache_bytes=int(args.oci_cache * 1024**3),
+            deltas=not args.no_delta,
         )
         trio.run(serve, config)
     except CasdError as exc:

@@ -128,6 +128,8 @@ class ServerContext:
     # Where operations keep scratch files (OCI import spools) and the OCI layer cache.
     data_dir: str | None = None
     oci_cache: LayerCache | None = None
+    # Whether this daemon asks its sync sources for deltas (`casd serve --no-delta`: no).
+    deltas: bool = True
     stats: ServerStats = field(default_factory=ServerStats)
     # Bounds the worker threads all connections may occupy with store calls at once.
     limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
@@ -628,6 +630,7 @@ class Session:
         source = ev.source
         try:
             async with open_client(source, token=ev.token, tls_ca=self.ctx.tls_ca) as src:
+                src.allow_deltas = self.ctx.deltas
                 before = await source_delta_stats(src)
                 pairs = await resolve_names(src, list(ev.names), ev.all)
                 report = await sync_with_images(

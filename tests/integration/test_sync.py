@@ -177,6 +177,23 @@ def test_a_changed_region_travels_as_a_delta_against_the_old_version(
     assert stats(a)["delta_chunks"] >= 3
 
 
+def test_a_destination_serving_with_no_delta_asks_for_chunks_only(
+    make_daemon: MakeDaemon,
+) -> None:
+    a, b = make_daemon("a"), make_daemon("b", "--no-delta")
+    v1 = os.urandom(3_000_000)
+    ok(casctl(a, "put", "-", "--name", "blob", input=v1))
+    sync(a, b, "blob")
+    v2 = bytearray(v1)
+    v2[1_500_000:1_500_100] = os.urandom(100)
+    ok(casctl(a, "put", "-", "--name", "blob", input=bytes(v2)))
+    out = sync(a, b, "blob")
+    assert out["chunks_fetched"] >= 1
+    assert out["chunks_delta"] == 0
+    assert out["source_delta_batches"] == 0
+    assert ok(casctl(b, "get", "blob")).out == bytes(v2)
+
+
 def test_bitrot_is_found_never_served_and_repaired_from_a_peer(make_daemon: MakeDaemon) -> None:
     a, b = make_daemon("a"), make_daemon("b")
     blob = os.urandom(3_000_000)
