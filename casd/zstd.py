@@ -39,6 +39,7 @@ def open_reader(path: str) -> BinaryIO:
     closing it closes the file."""
     return ZstdFile(path, "rb")  # type: ignore[return-value]
 
+
 _local = threading.local()
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lmdb
@@ -22,6 +25,7 @@ from casd.errors import (
     StoreError,
     StoreFormatError,
 )
+from casd.leases import LeaseTable
 from casd.refs import check_digest, check_name, is_digest
 from casd.storage._encode import DEFAULT_LEVEL, decode_stored, encode_for_store
 from casd.storage.check import check_blobs_and_names
@@ -29,12 +33,23 @@ from casd.storage.interface import (
     CheckResult,
     ChunkIn,
     Codec,
+    GarbageResult,
+    PackStat,
     PutResult,
     Recipe,
+    RewriteResult,
     StoredChunk,
     StoreStats,
 )
-from casd.storage.packfile import PACK_TARGET, Location, PackReader, PackWriter
+from casd.storage.packfile import (
+    PACK_TARGET,
+    RECORD_HEADER,
+    Location,
+    PackReader,
+    PackWriter,
+    pack_name,
+    parse_pack_name,
+)
 
 SCHEMA_VERSION = 1
 MARKER = "casd-store.json"
@@ -50,6 +65,16 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _RECIPE_HEAD = struct.Struct(">QI")
 _RECIPE_ENTRY = struct.Struct(">32sI")
+# Optional trailer of a recipe value: commit time, milliseconds since the epoch.
+_RECIPE_TIME = struct.Struct(">Q")
+
+# A pack rewrite copies this many payload bytes per append (one fsync, one index commit
+# under the write lock each): pushes wait for at most one batch.
+_REWRITE_BATCH = 8 * 1024 * 1024
+
+
+class _DryRun(Exception):
+    """Raised inside a write transaction to throw it away."""
 
 
 def _lmdb_error(exc: lmdb.Error, what: str) -> StoreError:
@@ -59,17 +84,39 @@ def _lmdb_error(exc: lmdb.Error, what: str) -> StoreError:
     return StoreError(f"index error while {what}: {text}")
 
 
-def encode_recipe(recipe: Recipe) -> bytes:
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def encode_recipe(recipe: Recipe, committed_ms: int | None = None) -> bytes:
+    """A ``blobs`` value: head, entries, and the commit time when given (docs/format.md)."""
     parts = [_RECIPE_HEAD.pack(recipe.size, len(recipe.ids))]
     parts.extend(_RECIPE_ENTRY.pack(i, s) for i, s in zip(recipe.ids, recipe.sizes, strict=True))
+    if committed_ms is not None:
+        parts.append(_RECIPE_TIME.pack(committed_ms))
     return b"".join(parts)
 
 
-def decode_recipe(digest: str, value: bytes) -> Recipe:
-    size, count = _RECIPE_HEAD.unpack_from(value)
-    body = memoryview(value)[_RECIPE_HEAD.size :]
-    if len(body) != count * _RECIPE_ENTRY.size:
+def _recipe_body_len(digest: str, value: bytes) -> int:
+    """Length of a ``blobs`` value without its time trailer."""
+    count: int = _RECIPE_HEAD.unpack_from(value)[1]
+    body = _RECIPE_HEAD.size + count * _RECIPE_ENTRY.size
+    if len(value) not in (body, body + _RECIPE_TIME.size):
         raise StoreError(f"recipe of {digest} is damaged in the index")
+    return body
+
+
+def recipe_time(digest: str, value: bytes) -> float:
+    """Commit time of a ``blobs`` value in seconds; 0.0 for records written without one."""
+    body = _recipe_body_len(digest, value)
+    if len(value) == body:
+        return 0.0
+    return float(_RECIPE_TIME.unpack_from(value, body)[0]) / 1000.0
+
+
+def decode_recipe(digest: str, value: bytes) -> Recipe:
+    size = _RECIPE_HEAD.unpack_from(value)[0]
+    body = memoryview(value)[_RECIPE_HEAD.size : _recipe_body_len(digest, value)]
     pairs = list(_RECIPE_ENTRY.iter_unpack(body))
     ids = tuple(p[0] for p in pairs)
     sizes = tuple(p[1] for p in pairs)
@@ -126,8 +173,10 @@ class DiskStore:
         self.params = self._check_meta(params)
         self._reader = PackReader(self._packs_dir)
         self._writer: PackWriter | None = None
-        self._write_lock = threading.Lock()
+        # Reentrant: garbage collection holds it (exclusive()) across several writes.
+        self._write_lock = threading.RLock()
         self._closed = False
+        self.leases = LeaseTable()
 
     # --- opening ---------------------------------------------------------------------
 
@@ -199,13 +248,28 @@ class DiskStore:
         except lmdb.Error as exc:
             raise _lmdb_error(exc, "looking up chunks") from exc
 
-    def get_stored(self, chunk_id: bytes) -> StoredChunk:
+    def _lookup(self, chunk_id: bytes) -> Location:
         try:
             with self._env.begin() as txn:
-                loc = self._locate(txn, chunk_id)
+                return self._locate(txn, chunk_id)
         except lmdb.Error as exc:
             raise _lmdb_error(exc, "looking up a chunk") from exc
-        payload = self._reader.read(chunk_id, loc)
+
+    def _read(self, chunk_id: bytes, loc: Location) -> tuple[Location, bytes]:
+        """Read a record; if that fails because a pack rewrite moved it meanwhile (and
+        removed the old pack), read it where the index points now."""
+        for _ in range(3):
+            try:
+                return loc, self._reader.read(chunk_id, loc)
+            except ChunkCorrupt:
+                now = self._lookup(chunk_id)
+                if now == loc:
+                    raise
+                loc = now
+        return loc, self._reader.read(chunk_id, loc)
+
+    def get_stored(self, chunk_id: bytes) -> StoredChunk:
+        loc, payload = self._read(chunk_id, self._lookup(chunk_id))
         return StoredChunk(chunk_id, Codec(loc.codec), payload, loc.raw_len)
 
     def get_chunk(self, chunk_id: bytes) -> bytes:
@@ -260,7 +324,7 @@ class DiskStore:
     def _add_counter(self, txn: Any, key: bytes, delta: int) -> None:
         old = txn.get(key, db=self._meta)
         value = _U64.unpack(old)[0] if old else 0
-        txn.put(key, _U64.pack(value + delta), db=self._meta)
+        txn.put(key, _U64.pack(max(0, value + delta)), db=self._meta)
 
     def _current_writer(self) -> PackWriter:
         if self._writer is None:
@@ -311,9 +375,16 @@ class DiskStore:
                     missing = sum(1 for i in set(recipe.ids) if txn.get(i, db=self._chunks) is None)
                     if missing:
                         raise BlobIncomplete(recipe.digest, missing)
-                    new = txn.get(key, db=self._blobs) is None
-                    if new:
-                        txn.put(key, encode_recipe(recipe), db=self._blobs)
+                    old = txn.get(key, db=self._blobs)
+                    new = old is None
+                    if old is None:
+                        value = encode_recipe(recipe, _now_ms())
+                    else:  # keep the recipe it has; refresh its commit time
+                        held = bytes(old)
+                        value = held[: _recipe_body_len(recipe.digest, held)] + _RECIPE_TIME.pack(
+                            _now_ms()
+                        )
+                    txn.put(key, value, db=self._blobs)
                     if name is not None:
                         txn.put(name.encode(), key, db=self._names)
                     return new
@@ -396,7 +467,12 @@ class DiskStore:
         for cid, loc in entries:
             result.chunks_checked += 1
             try:
-                payload = self._reader.read(cid, loc)
+                try:
+                    loc, payload = self._read(cid, loc)
+                except ChunkMissing:  # deleted by a collection since the scan
+                    result.chunks -= 1
+                    result.chunks_checked -= 1
+                    continue
                 if deep and chunk_id(decode_stored(cid, loc.codec, payload, loc.raw_len)) != cid:
                     raise ChunkCorrupt(cid, "its bytes hash to another id")
             except ChunkCorrupt:
@@ -425,6 +501,202 @@ class DiskStore:
             except lmdb.Error as exc:
                 raise _lmdb_error(exc, "indexing repaired chunks") from exc
         return len(records)
+
+    # --- garbage collection (the Collectable interface) ---------------------------------
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        return self._write_lock  # type: ignore[return-value]
+
+    def iter_chunk_ids(self) -> Iterator[bytes]:
+        with self._env.begin(db=self._chunks) as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                yield bytes(key)
+
+    def iter_blob_times(self) -> Iterator[tuple[str, float]]:
+        with self._env.begin(db=self._blobs) as txn:
+            for key, value in txn.cursor():
+                digest = format_digest(bytes(key))
+                yield digest, recipe_time(digest, bytes(value))
+
+    def blob_times(self, digests: Sequence[str]) -> list[float | None]:
+        keys = [self._digest_key(d) for d in digests]
+        out: list[float | None] = []
+        with self._env.begin(db=self._blobs) as txn:
+            for d, k in zip(digests, keys, strict=True):
+                value = txn.get(k)
+                out.append(None if value is None else recipe_time(d, bytes(value)))
+        return out
+
+    def delete_garbage(
+        self,
+        *,
+        names: Sequence[tuple[str, str]] = (),
+        blobs: Sequence[str] = (),
+        chunks: Sequence[bytes] = (),
+        dry_run: bool = False,
+    ) -> GarbageResult:
+        name_keys = [(n.encode(), self._digest_key(d)) for n, d in names]
+        blob_keys = [self._digest_key(d) for d in blobs]
+        with self._write_lock, self.leases.frozen() as leased:
+            self._check_open()
+            n_names = n_blobs = n_named = n_chunks = n_leased = raw = stored = 0
+            try:
+                with contextlib.suppress(_DryRun), self._env.begin(write=True) as txn:
+                    for nk, dk in name_keys:
+                        if txn.get(nk, db=self._names) == dk:
+                            txn.delete(nk, db=self._names)
+                            n_names += 1
+                    named: set[bytes] = set()
+                    if blob_keys:
+                        named = {bytes(v) for _, v in txn.cursor(db=self._names)}
+                    for k in blob_keys:
+                        if k in named:
+                            n_named += 1
+                        elif txn.delete(k, db=self._blobs):
+                            n_blobs += 1
+                    for cid in chunks:
+                        if cid in leased:
+                            n_leased += 1
+                            continue
+                        value = txn.get(cid, db=self._chunks)
+                        if value is None:
+                            continue
+                        loc = Location.unpack_value(bytes(value))
+                        txn.delete(cid, db=self._chunks)
+                        n_chunks += 1
+                        raw += loc.raw_len
+                        stored += loc.stored_len
+                    if n_chunks:
+                        self._add_counter(txn, b"raw_bytes", -raw)
+                        self._add_counter(txn, b"stored_bytes", -stored)
+                    if dry_run:
+                        raise _DryRun  # aborts the transaction: nothing changed
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, "deleting garbage") from exc
+        return GarbageResult(n_names, n_blobs, n_chunks, raw, stored, n_leased, n_named)
+
+    def _active_pack(self) -> int | None:
+        return self._writer.number if self._writer is not None else None
+
+    def pack_stats(self) -> list[PackStat]:
+        with self._write_lock:
+            self._check_open()
+            active = self._active_pack()
+            sizes: dict[int, int] = {}
+            for fn in os.listdir(self._packs_dir):
+                number = parse_pack_name(fn)
+                if number is None:
+                    continue
+                try:
+                    sizes[number] = os.path.getsize(os.path.join(self._packs_dir, fn))
+                except FileNotFoundError:
+                    continue
+        live: dict[int, list[int]] = {n: [0, 0] for n in sizes}
+        with self._env.begin(db=self._chunks) as txn:
+            for value in txn.cursor().iternext(keys=False, values=True):
+                loc = Location.unpack_value(bytes(value))
+                acc = live.get(loc.pack)
+                if acc is not None:
+                    acc[0] += RECORD_HEADER.size + loc.stored_len
+                    acc[1] += 1
+        return [PackStat(n, sizes[n], live[n][0], live[n][1], n == active) for n in sorted(sizes)]
+
+    def rewrite_packs(
+        self,
+        numbers: Sequence[int],
+        on_done: Callable[[RewriteResult], None] | None = None,
+    ) -> list[RewriteResult]:
+        results: list[RewriteResult] = []
+        todo: list[int] = []
+        with self._write_lock:
+            self._check_open()
+            if self._active_pack() in numbers:
+                self._abandon_writer()  # retire it: the next write starts a new pack
+            for number in sorted(set(numbers)):
+                if os.path.exists(os.path.join(self._packs_dir, pack_name(number))):
+                    todo.append(number)
+                else:
+                    results.append(RewriteResult(number, reason="no such pack"))
+        # A pack file that exists and is not the writer never takes an append again (a
+        # new writer always gets a new number, and creates its file under the lock), so
+        # no index entry can start pointing into it: the scan finds every live record.
+        entries: dict[int, list[tuple[bytes, Location]]] = {n: [] for n in todo}
+        if todo:
+            with self._env.begin(db=self._chunks) as txn:
+                for key, value in txn.cursor():
+                    loc = Location.unpack_value(bytes(value))
+                    bucket = entries.get(loc.pack)
+                    if bucket is not None:
+                        bucket.append((bytes(key), loc))
+        for number in todo:
+            entries[number].sort(key=lambda e: e[1].offset)
+            result = self._rewrite_one(number, entries.pop(number))
+            results.append(result)
+            if on_done is not None:
+                on_done(result)
+        return results
+
+    def _rewrite_one(self, number: int, live: list[tuple[bytes, Location]]) -> RewriteResult:
+        path = os.path.join(self._packs_dir, pack_name(number))
+        try:
+            file_bytes = os.path.getsize(path)
+        except FileNotFoundError:
+            return RewriteResult(number, reason="no such pack")
+        moved = moved_bytes = 0
+        start = 0
+        while start < len(live):
+            batch: list[tuple[bytes, Location, bytes]] = []
+            size = 0
+            while start < len(live) and (not batch or size < _REWRITE_BATCH):
+                cid, loc = live[start]
+                start += 1
+                try:
+                    payload = self._reader.read(cid, loc)
+                except ChunkCorrupt:
+                    try:
+                        if self._lookup(cid) == loc:
+                            return RewriteResult(
+                                number, moved, moved_bytes, reason="it holds a damaged record"
+                            )
+                    except ChunkMissing:
+                        pass
+                    continue  # moved or deleted since the scan: nothing to copy
+                batch.append((cid, loc, payload))
+                size += len(payload)
+            if not batch:
+                continue
+            records = [(cid, loc.codec, loc.raw_len, payload) for cid, loc, payload in batch]
+            with self._write_lock:
+                self._check_open()
+                # 1. The copies are appended and fdatasynced...
+                writer, locs = self._append(records)
+                try:
+                    # 2. ...before the index points at them, entry by entry only where it
+                    # still points at the old record (a repair may have moved it).
+                    with self._env.begin(write=True, db=self._chunks) as txn:
+                        for (cid, old, _), new in zip(batch, locs, strict=True):
+                            if txn.get(cid) == old.pack_value():
+                                txn.put(cid, new.pack_value())
+                                moved += 1
+                                moved_bytes += RECORD_HEADER.size + new.stored_len
+                except lmdb.Error as exc:
+                    raise _lmdb_error(exc, "indexing rewritten chunks") from exc
+                if writer.size >= PACK_TARGET:
+                    self._abandon_writer()
+        # 3. Nothing in the (durably committed) index points into the pack now: remove it.
+        self._reader.forget(number)
+        try:
+            os.unlink(path)
+            dfd = os.open(self._packs_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"removing pack {path} failed: {exc}") from exc
+        return RewriteResult(number, moved, moved_bytes, file_bytes, removed=True)
 
     # --- the rest --------------------------------------------------------------------
 

@@ -11,11 +11,14 @@ Writes are serialized inside the store; reads run concurrently with writes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import casproto
+
+from casd.leases import LeaseTable
 
 # How a chunk's bytes are held: the same numbers at rest and on the wire, so a chunk
 # moves from pack file to socket without being decoded and encoded again.
@@ -195,7 +198,8 @@ class BlobStore(Protocol):
 
         The caller vouches that the chunks, in order, hash to ``recipe.digest`` (it
         assembled and hashed them); the store checks that it holds every chunk. Returns
-        whether the blob is new. Committing an existing blob again only moves the name.
+        whether the blob is new. Committing an existing blob again only moves the name
+        (and, in a :class:`Collectable` store, refreshes its commit time).
 
         Raises:
             BlobIncomplete: a chunk of the recipe is not in the store; nothing changed.
@@ -261,6 +265,134 @@ class Checkable(Protocol):
         Raises:
             ChunkCorrupt: a chunk does not hash to its id; nothing was written.
             NoSpace, StoreError: as put_chunks.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class GarbageResult:
+    """What one ``delete_garbage`` call removed."""
+
+    names: int = 0
+    blobs: int = 0
+    chunks: int = 0
+    raw_bytes: int = 0  # of the deleted chunks, decoded
+    stored_bytes: int = 0  # of the deleted chunks, as held (what pack rewrites reclaim)
+    chunks_leased: int = 0  # chunks asked for but spared because a transfer holds them
+    blobs_named: int = 0  # blobs asked for but spared because a name points at them
+
+
+@dataclass(frozen=True, slots=True)
+class PackStat:
+    """One pack file: how much of it the index still points at."""
+
+    number: int
+    file_bytes: int  # size of the file, pack header included
+    live_bytes: int  # record headers and payloads of records the index points at
+    live_records: int
+    active: bool  # the pack still takes appends (a rewrite retires it first)
+
+    @property
+    def live_fraction(self) -> float:
+        from casd.storage.packfile import PACK_HEADER
+
+        body = self.file_bytes - PACK_HEADER.size
+        if self.live_records == 0 or body <= 0:
+            return 0.0
+        return min(1.0, self.live_bytes / body)
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteResult:
+    """What one ``rewrite_pack`` call did."""
+
+    number: int
+    moved_records: int = 0
+    moved_bytes: int = 0
+    freed_bytes: int = 0  # size of the removed file
+    removed: bool = False  # False: the pack was left as it was (see ``reason``)
+    reason: str = ""
+
+
+@runtime_checkable
+class Collectable(Protocol):
+    """What garbage collection (casd.gc) needs of a store, beyond :class:`Store`.
+
+    Blob commit times: every commit (a new blob, or an existing blob committed again)
+    records the wall-clock time, so a collector can spare recently committed blobs.
+    Blobs committed before a store recorded times report time 0.0.
+    """
+
+    #: Chunks held by in-progress transfers; ``delete_garbage`` never deletes them.
+    leases: LeaseTable
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Hold the store's write lock: while held, no other thread stores chunks, commits,
+        tags or untags (they wait). Reentrant, so the holder may call any method of the
+        store, including writes. Keep it short.
+        """
+        ...
+
+    def iter_chunk_ids(self) -> Iterator[bytes]:
+        """The id of every chunk the index holds (order unspecified; a snapshot)."""
+        ...
+
+    def iter_blob_times(self) -> Iterator[tuple[str, float]]:
+        """(digest, commit time in seconds since the epoch) of every blob, digest order."""
+        ...
+
+    def blob_times(self, digests: Sequence[str]) -> list[float | None]:
+        """For each digest its commit time, or None when no such blob is committed."""
+        ...
+
+    def delete_garbage(
+        self,
+        *,
+        names: Sequence[tuple[str, str]] = (),
+        blobs: Sequence[str] = (),
+        chunks: Sequence[bytes] = (),
+        dry_run: bool = False,
+    ) -> GarbageResult:
+        """Remove names, blob recipes and chunk index entries in one atomic step.
+
+        ``names`` are (name, digest) pairs: a name is removed only if it still points at
+        that digest. A blob is removed only if no name points at it once ``names`` are
+        gone. A chunk is removed only if no lease holds it (checked under the lease
+        table's freeze, atomically with the deletion). Unknown names, blobs and chunks
+        are skipped. The caller vouches that no remaining recipe names a chunk it asks
+        to delete. Crash-safe: either all of it happened, or none. With ``dry_run`` the
+        result says what would go, and nothing changes.
+
+        Raises:
+            NoSpace, StoreError: the index could not be written; nothing changed.
+        """
+        ...
+
+    def pack_stats(self) -> list[PackStat]:
+        """Every pack and its live bytes (a scan of the chunk index). Empty for stores
+        without packs."""
+        ...
+
+    def rewrite_packs(
+        self,
+        numbers: Sequence[int],
+        on_done: Callable[[RewriteResult], None] | None = None,
+    ) -> list[RewriteResult]:
+        """Compact packs: copy the live records of each retired pack in ``numbers`` into
+        the current pack, point the index at the copies, then remove the old file (a pack
+        with no live record is just removed). Concurrent reads and writes keep working
+        throughout; ``on_done`` is called after each pack. Returns one result per pack.
+
+        A pack that still takes appends is retired first (the next write starts a new
+        pack). A pack holding a live record that fails its checksum is left alone
+        (``removed`` False, ``reason`` says why). Order on disk: the copies
+        are durable before the index points at them, and the index commit that stops
+        pointing into the old file is durable before the file is unlinked, so a crash at
+        any point loses nothing (at worst a dead pack file stays, for the next rewrite).
+
+        Raises:
+            NoSpace, StoreError: copying failed; the index still points at readable
+                records (old or new).
         """
         ...
 

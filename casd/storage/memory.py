@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 
 from casd.chunking import chunk_id
 from casd.errors import BlobIncomplete, BlobMissing, ChunkCorrupt, ChunkMissing
+from casd.leases import LeaseTable
 from casd.refs import check_digest, check_name, is_digest
 from casd.storage._encode import DEFAULT_LEVEL, decode_stored, encode_for_store
 from casd.storage.check import check_blobs_and_names
@@ -14,8 +17,11 @@ from casd.storage.interface import (
     CheckResult,
     ChunkIn,
     Codec,
+    GarbageResult,
+    PackStat,
     PutResult,
     Recipe,
+    RewriteResult,
     StoredChunk,
     StoreStats,
 )
@@ -36,9 +42,11 @@ class MemoryStore:
     ) -> None:
         self._level = level
         self._fail_on_put = fail_on_put
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant, for exclusive()
         self._chunks: dict[bytes, StoredChunk] = {}
         self._blobs: dict[str, Recipe] = {}
+        self._times: dict[str, float] = {}  # digest -> commit time
+        self.leases = LeaseTable()
         self._names: dict[str, str] = {}
         self._stored_bytes = 0
         self._raw_bytes = 0
@@ -96,6 +104,7 @@ class MemoryStore:
             new = recipe.digest not in self._blobs
             if new:
                 self._blobs[recipe.digest] = recipe
+            self._times[recipe.digest] = time.time()
             if name is not None:
                 self._names[name] = recipe.digest
         return new
@@ -158,6 +167,83 @@ class MemoryStore:
         with self._lock:
             self._chunks.update(prepared)
         return len(prepared)
+
+    # garbage collection (the Collectable interface)
+    def exclusive(self) -> AbstractContextManager[None]:
+        return self._lock  # type: ignore[return-value]
+
+    def iter_chunk_ids(self) -> Iterator[bytes]:
+        with self._lock:
+            ids = list(self._chunks)
+        yield from ids
+
+    def iter_blob_times(self) -> Iterator[tuple[str, float]]:
+        with self._lock:
+            pairs = sorted(self._times.items())
+        yield from pairs
+
+    def blob_times(self, digests: Sequence[str]) -> list[float | None]:
+        with self._lock:
+            return [self._times.get(d) for d in digests]
+
+    def delete_garbage(
+        self,
+        *,
+        names: Sequence[tuple[str, str]] = (),
+        blobs: Sequence[str] = (),
+        chunks: Sequence[bytes] = (),
+        dry_run: bool = False,
+    ) -> GarbageResult:
+        for _, d in names:
+            check_digest(d)
+        for d in blobs:
+            check_digest(d)
+        with self._lock, self.leases.frozen() as leased:
+            n_names = n_blobs = n_named = n_chunks = n_leased = raw = stored = 0
+            gone_names = [
+                (name, digest) for name, digest in names if self._names.get(name) == digest
+            ]
+            n_names = len(gone_names)
+            remaining = dict(self._names)
+            for name, _ in gone_names:
+                remaining.pop(name, None)
+            named = set(remaining.values())
+            gone_blobs: list[str] = []
+            for d in dict.fromkeys(blobs):
+                if d in named:
+                    n_named += 1
+                elif d in self._blobs:
+                    gone_blobs.append(d)
+            n_blobs = len(gone_blobs)
+            gone_chunks: list[bytes] = []
+            for cid in dict.fromkeys(chunks):
+                if cid in leased:
+                    n_leased += 1
+                elif (s := self._chunks.get(cid)) is not None:
+                    gone_chunks.append(cid)
+                    raw += s.raw_size
+                    stored += len(s.payload)
+            n_chunks = len(gone_chunks)
+            if not dry_run:
+                self._names = remaining
+                for d in gone_blobs:
+                    del self._blobs[d]
+                    self._times.pop(d, None)
+                for cid in gone_chunks:
+                    del self._chunks[cid]
+                self._raw_bytes -= raw
+                self._stored_bytes -= stored
+        return GarbageResult(n_names, n_blobs, n_chunks, raw, stored, n_leased, n_named)
+
+    def pack_stats(self) -> list[PackStat]:
+        return []  # no packs: nothing to compact
+
+    def rewrite_packs(
+        self,
+        numbers: Sequence[int],
+        on_done: Callable[[RewriteResult], None] | None = None,
+    ) -> list[RewriteResult]:
+        return [RewriteResult(n, reason="no such pack") for n in numbers]
 
     def stats(self) -> StoreStats:
         return StoreStats(

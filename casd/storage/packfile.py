@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ PACK_TARGET = 64 * 1024 * 1024
 # writev accepts at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 1024
 
+# A handle of a removed pack is closed this long after the removal, not at once: a
+# reader that took it just before may still be reading through it.
+_RETIRE_S = 30.0
+
 # Open read handles kept per store: each pack read is a pread on a cached fd. 256 packs
 # cover 16 GiB of hot data; beyond that the least recently used handle is closed.
 _MAX_READ_FDS = 256
@@ -32,6 +37,17 @@ _MAX_READ_FDS = 256
 
 def pack_name(number: int) -> str:
     return f"{number:08x}.pack"
+
+
+def parse_pack_name(filename: str) -> int | None:
+    """The number of a pack file's name, or None for any other file."""
+    stem, dot, ext = filename.partition(".")
+    if ext != "pack" or not dot or len(stem) != 8:
+        return None
+    try:
+        return int(stem, 16)
+    except ValueError:
+        return None
 
 
 def checksum(payload: bytes | memoryview) -> int:
@@ -150,6 +166,7 @@ class PackReader:
     def __init__(self, directory: str) -> None:
         self._dir = directory
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._retired: list[tuple[float, int]] = []
         self._lock = threading.Lock()
 
     def _fd(self, number: int) -> int:
@@ -199,8 +216,21 @@ class PackReader:
             )
         return buf[RECORD_HEADER.size :]
 
+    def forget(self, number: int) -> None:
+        """Stop using pack ``number`` (it is about to be removed)."""
+        now = time.monotonic()
+        with self._lock:
+            fd = self._fds.pop(number, None)
+            while self._retired and self._retired[0][0] < now - _RETIRE_S:
+                os.close(self._retired.pop(0)[1])
+            if fd is not None:
+                self._retired.append((now, fd))
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            for _, fd in self._retired:
+                os.close(fd)
+            self._retired.clear()

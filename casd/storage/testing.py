@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from casd.chunking import EMPTY_DIGEST, Chunker, chunk_id, format_digest
 from casd.errors import BlobIncomplete, BlobMissing, ChunkCorrupt, ChunkMissing, InvalidRef
-from casd.storage.interface import ChunkIn, Codec, Recipe, Store
+from casd.storage.interface import ChunkIn, Codec, Collectable, Recipe, Store
 
 
 def make_chunk(data: bytes) -> ChunkIn:
@@ -208,3 +208,101 @@ class StoreConformance:
         with pytest.raises(ChunkCorrupt):
             store.rewrite_chunks([ChunkIn(c.id, b"forged")])
         assert store.get_chunk(c.id) == c.data
+
+    # garbage collection (Collectable) ------------------------------------------------
+
+    def test_commit_records_a_time_and_a_second_commit_refreshes_it(self, store: Store) -> None:
+        import time
+
+        assert isinstance(store, Collectable)
+        before = time.time()
+        r = store_blob(store, os.urandom(100_000))
+        (first,) = store.blob_times([r.digest])
+        assert first is not None
+        assert before - 1 <= first <= time.time() + 1
+        assert dict(store.iter_blob_times()) == {r.digest: first}
+        time.sleep(0.01)
+        assert store.commit_blob(r) is False
+        (second,) = store.blob_times([r.digest])
+        assert second is not None
+        assert second > first
+        assert store.get_recipe(r.digest) == r
+        assert store.blob_times([format_digest(b"\x05" * 32)]) == [None]
+
+    def test_iter_chunk_ids_lists_every_chunk(self, store: Store) -> None:
+        assert isinstance(store, Collectable)
+        chunks = [make_chunk(os.urandom(n)) for n in (10, 5000, 70_000)]
+        store.put_chunks(chunks)
+        assert sorted(store.iter_chunk_ids()) == sorted(c.id for c in chunks)
+
+    def test_delete_garbage_removes_names_blobs_and_chunks(self, store: Store) -> None:
+        assert isinstance(store, Collectable)
+        keep = store_blob(store, os.urandom(200_000), name="keep")
+        drop = store_blob(store, os.urandom(200_000), name=".oci/layer/x")
+        before = store.stats()
+        result = store.delete_garbage(
+            names=[(".oci/layer/x", drop.digest)], blobs=[drop.digest], chunks=list(drop.ids)
+        )
+        assert (result.names, result.blobs, result.chunks) == (1, 1, len(set(drop.ids)))
+        assert result.raw_bytes == drop.size
+        assert not store.has_blob(drop.digest)
+        assert store.has_chunks(list(drop.ids)) == [False] * len(drop.ids)
+        assert store.list_names() == [("keep", keep.digest)]
+        assert read_blob(store, keep.digest) == read_blob(store, keep.digest)
+        after = store.stats()
+        assert after.chunks == before.chunks - result.chunks
+        assert after.stored_bytes == before.stored_bytes - result.stored_bytes
+        assert after.raw_bytes == before.raw_bytes - result.raw_bytes
+        assert store.check(deep=True).clean
+
+    def test_delete_garbage_spares_named_blobs_leased_chunks_and_moved_names(
+        self, store: Store
+    ) -> None:
+        assert isinstance(store, Collectable)
+        a = store_blob(store, os.urandom(100_000), name="a")
+        b = store_blob(store, os.urandom(100_000), name="b")
+        orphan = make_chunk(os.urandom(3000))
+        store.put_chunks([orphan])
+        with store.leases.lease([orphan.id]):
+            result = store.delete_garbage(
+                names=[("b", a.digest)],  # b points elsewhere: stays
+                blobs=[a.digest],  # named: stays
+                chunks=[orphan.id],  # leased: stays
+            )
+        assert (result.names, result.blobs, result.chunks) == (0, 0, 0)
+        assert (result.blobs_named, result.chunks_leased) == (1, 1)
+        assert store.resolve("a") == a.digest
+        assert store.resolve("b") == b.digest
+        assert store.has_chunks([orphan.id]) == [True]
+        # Released: now it goes.
+        assert store.delete_garbage(chunks=[orphan.id]).chunks == 1
+
+    def test_delete_garbage_dry_run_changes_nothing(self, store: Store) -> None:
+        assert isinstance(store, Collectable)
+        r = store_blob(store, os.urandom(100_000))
+        stats = store.stats()
+        result = store.delete_garbage(blobs=[r.digest], chunks=list(r.ids), dry_run=True)
+        assert (result.blobs, result.chunks) == (1, len(set(r.ids)))
+        assert store.stats() == stats
+        assert store.has_blob(r.digest)
+
+    def test_exclusive_is_reentrant(self, store: Store) -> None:
+        assert isinstance(store, Collectable)
+        with store.exclusive():
+            r = store_blob(store, b"inside", name="in")
+            store.tag("also", r.digest)
+            store.untag("also")
+        assert store.resolve("in") == r.digest
+
+    def test_rewriting_every_retired_pack_keeps_every_chunk(self, store: Store) -> None:
+        assert isinstance(store, Collectable)
+        blobs = {store_blob(store, os.urandom(150_000), name=f"n{i}").digest for i in range(3)}
+        dead = store_blob(store, os.urandom(150_000))
+        store.delete_garbage(blobs=[dead.digest], chunks=list(dead.ids))
+        packs = [p.number for p in store.pack_stats() if not p.active]
+        results = store.rewrite_packs(packs)
+        assert len(results) == len(packs)
+        for d in blobs:
+            data = read_blob(store, d)
+            assert format_digest(hashlib.sha256(data).digest()) == d
+        assert store.check(deep=True).clean
