@@ -249,6 +249,7 @@ async def sync_into_store(
     on_progress: Callable[[dict[str, int | float | str]], Awaitable[None]] | None = None,
     base_hints: dict[str, str] | None = None,
     defer_names: list[tuple[str, str]] | None = None,
+    on_blob: Callable[[str], Awaitable[None]] | None = None,
 ) -> SyncReport:
     """Direct mode: copy blobs from the ``src`` server into the local ``store``.
 
@@ -256,6 +257,7 @@ async def sync_into_store(
     no previous version under its name (OCI layers: the same layer of the previous
     image). With ``defer_names`` the names are not moved but appended there, so a caller
     can first complete what the blobs reference (an image's layers) and tag after.
+    ``on_blob(digest)`` is awaited after each blob this call copies is committed.
 
     Raises:
         PeerRefused, PeerGone: the source failed; what was stored so far stays.
@@ -293,6 +295,7 @@ async def sync_into_store(
             dry_run,
             base_hints or {},
             defer_names,
+            on_blob,
         )
     report.wire_bytes = src.peer.wire_bytes - wire_before
     _, raw, wire, decode_s, fallbacks = (
@@ -326,6 +329,7 @@ async def _copy_all(
     dry_run: bool,
     base_hints: dict[str, str],
     defer_names: list[tuple[str, str]] | None,
+    on_blob: Callable[[str], Awaitable[None]] | None = None,
 ) -> None:
     seen: dict[str, casproto.Recipe] = {}
     for name, digest in pairs:
@@ -406,6 +410,8 @@ async def _copy_all(
         lease.release()
         report.blobs_copied += 1
         report.items.append((name, digest, "copied"))
+        if on_blob is not None:
+            await on_blob(digest)
         await progress(_progress(report, name, src, wire_before), force=True)
 
 

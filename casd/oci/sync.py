@@ -146,12 +146,19 @@ async def _sync_digests(
     report: SyncReport,
     on_progress: Progress,
     hints: dict[str, str] | None = None,
+    on_blob: Callable[[str], Awaitable[None]] | None = None,
 ) -> None:
     todo = [d for d in dict.fromkeys(digests) if not await run(store.has_blob, d)]
     if not todo:
         return
     part = await sync_into_store(
-        src, store, run, [(d, d) for d in todo], on_progress=on_progress, base_hints=hints
+        src,
+        store,
+        run,
+        [(d, d) for d in todo],
+        on_progress=on_progress,
+        base_hints=hints,
+        on_blob=on_blob,
     )
     _merge(report, part)
 
@@ -185,57 +192,83 @@ async def _complete_image(
         configs.append(mdoc.config.digest)
         for i, layer in enumerate(mdoc.layers):
             wanted.append((key, layer, i))
-    await _sync_digests(src, store, run, configs, report, on_progress)
 
+    # Which layers have a record on the source: asked all at once (one round trip).
     records: dict[str, str] = {}  # compressed digest -> record blob digest on the source
     plain: list[str] = []
-    for _, layer, _ in wanted:
-        d = layer.digest
-        if await run(store.has_blob, d) or await run(_layer_ready, store, d):
-            continue
+    todo = [
+        layer.digest
+        for _, layer, _ in wanted
+        if not await run(store.has_blob, layer.digest)
+        and not await run(_layer_ready, store, layer.digest)
+    ]
+
+    async def lookup(d: str) -> None:
         try:
             info = await src.stat(media.layer_record_name(d))
         except PeerRefused as exc:
             if exc.code_name != "NOT_FOUND":
                 raise
             plain.append(d)
-            continue
+            return
         records[d] = info.digest
-    await _sync_digests(src, store, run, plain + list(records.values()), report, on_progress)
 
-    # Layer by layer: a layer kept raw moves as its compressed bytes (as a registry would
-    # send it; its tar can be recovered from them here, no need to move it too); a
-    # re-encodable one as its tar's chunks, delta-encoded against the same layer of the
-    # old image, and is re-encoded and checked here while the next layer transfers.
+    async with open_nursery() as lookups:
+        for d in dict.fromkeys(todo):
+            lookups.start_soon(lookup, d)
+    await _sync_digests(
+        src, store, run, configs + plain + list(records.values()), report, on_progress
+    )
+
+    # A layer kept raw moves as its compressed bytes (as a registry would send it; its
+    # tar can be recovered from them here, no need to move it too); a re-encodable one as
+    # its tar's chunks, delta-encoded against the same layer of the old image, and is
+    # re-encoded and checked here as soon as it arrived, while the next ones transfer.
+    parsed: dict[str, LayerRecord] = {}
+    contents: list[str] = []
+    hints: dict[str, str] = {}
+    for key, layer, i in wanted:
+        d = layer.digest
+        if d not in records or d in parsed:
+            continue
+        rec = LayerRecord.from_json(await run(read_small, store, records[d]) or b"")
+        parsed[d] = rec
+        if rec.raw is not None or not rec.reencodable:
+            contents.append(rec.raw or d)
+            continue
+        contents.append(rec.uncompressed)
+        bases: list[str] = old_layers.get(key) or next(iter(old_layers.values()), [])
+        if bases:
+            hints[rec.uncompressed] = bases[min(i, len(bases) - 1)]
+    by_content = {
+        (rec.uncompressed if rec.reencodable and rec.raw is None else rec.raw or d): d
+        for d, rec in parsed.items()
+    }
     verify_limit = trio.CapacityLimiter(1)  # one core re-encodes, the other receives
     failed: list[str] = []
+    done: set[str] = set()
 
-    async def verify(d: str, rec: LayerRecord) -> None:
-        async with verify_limit:
-            ok = await run(_verify, store, rec, cache)
-        if ok:
-            await run(store.tag, media.layer_record_name(d), records[d])
-        else:
-            failed.append(d)
+    async def verify(d: str) -> None:
+        rec = parsed[d]
+        if rec.reencodable and rec.raw is None:
+            async with verify_limit:
+                ok = await run(_verify, store, rec, cache)
+            if not ok:
+                failed.append(d)
+                return
+        await run(store.tag, media.layer_record_name(d), records[d])
 
     async with open_nursery() as verifiers:
-        for key, layer, i in wanted:
-            d = layer.digest
-            rec_digest = records.get(d)
-            if rec_digest is None:
-                continue
-            data = await run(read_small, store, rec_digest)
-            rec = LayerRecord.from_json(data or b"")
-            if rec.raw is not None or not rec.reencodable:
-                await _sync_digests(src, store, run, [rec.raw or d], report, on_progress)
-                await run(store.tag, media.layer_record_name(d), rec_digest)
-                continue
-            hints: dict[str, str] = {}
-            bases: list[str] = old_layers.get(key) or next(iter(old_layers.values()), [])
-            if bases:
-                hints[rec.uncompressed] = bases[min(i, len(bases) - 1)]
-            await _sync_digests(src, store, run, [rec.uncompressed], report, on_progress, hints)
-            verifiers.start_soon(verify, d, rec)
+
+        async def arrived(content: str) -> None:
+            d = by_content.get(content)
+            if d is not None and d not in done:
+                done.add(d)
+                verifiers.start_soon(verify, d)
+
+        await _sync_digests(src, store, run, contents, report, on_progress, hints, arrived)
+        for d in parsed:  # layers whose content was here already
+            await arrived(next(c for c, x in by_content.items() if x == d))
 
     for d in failed:
         log.warning("layer %s does not re-encode here; fetching its compressed bytes", d)

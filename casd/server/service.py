@@ -631,8 +631,18 @@ class Session:
         try:
             async with open_client(source, token=ev.token, tls_ca=self.ctx.tls_ca) as src:
                 src.allow_deltas = self.ctx.deltas
-                before = await source_delta_stats(src)
-                pairs = await resolve_names(src, list(ev.names), ev.all)
+                before: dict[str, int | float] = {}
+                pairs: list[tuple[str, str]] = []
+
+                async def counters() -> None:
+                    before.update(await source_delta_stats(src))
+
+                async def names() -> None:
+                    pairs.extend(await resolve_names(src, list(ev.names), ev.all))
+
+                async with open_nursery() as first:  # one round trip for both
+                    first.start_soon(counters)
+                    first.start_soon(names)
                 report = await sync_with_images(
                     src,
                     self.ctx.store,
