@@ -20,12 +20,11 @@ from typing import Any
 
 import trio
 
-from casd import __version__
+from casd import DEFAULT_LISTEN, __version__
 from casd.chunking import DEFAULT_PARAMS, Chunker
 from casd.client import Client, TransferResult, open_client
 from casd.errors import CasdError, UserError
 from casd.oci import cli as oci_cli
-from casd.server.daemon import DEFAULT_LISTEN
 
 
 def human(n: float) -> str:

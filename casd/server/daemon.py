@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from casd import __version__
+from casd import DEFAULT_LISTEN, DEFAULT_PORT, __version__
 from casd.auth import Scope, TokenTable, parse_token_lines
 from casd.chunking import ChunkerParams
 from casd.errors import CasdError, ConfigError
@@ -33,8 +33,6 @@ from casd.storage.disk import DiskStore
 
 log = logging.getLogger("casd")
 
-DEFAULT_PORT = 7420
-DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 
 def default_data_dir() -> str:
