@@ -60,6 +60,8 @@ class LayerRecord:
     encoding: dict[str, Any] | None = None  # {"codec": "gzip", ...GzipParams.to_dict()}
     raw: str | None = None  # D_c again, when the compressed bytes are stored as a blob
     note: str = ""
+    # `oci convert` results: zlib level (as text) -> digest of the re-compressed layer.
+    converted: dict[str, str] | None = None
 
     @property
     def reencodable(self) -> bool:
@@ -80,6 +82,8 @@ class LayerRecord:
             doc["raw"] = self.raw
         if self.note:
             doc["note"] = self.note
+        if self.converted:
+            doc["converted"] = self.converted
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -97,6 +101,7 @@ class LayerRecord:
                 encoding=doc.get("encoding"),
                 raw=doc.get("raw"),
                 note=str(doc.get("note", "")),
+                converted=doc.get("converted"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LayerError(f"unreadable layer record: {exc}") from None

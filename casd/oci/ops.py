@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -231,26 +232,47 @@ def _convert_layer(
         return layer
     if rec is None:
         raise LayerError(f"layer {layer.digest} has no record: re-import the image first")
+    mt = media.OCI_LAYER_GZIP if oci else media.DOCKER_LAYER_GZIP
+    done = (rec.converted or {}).get(str(level))
+    if done is not None:
+        prior = read_record(store, done)
+        if prior is not None and store.has_blob(prior.uncompressed):
+            return media.Descriptor(mt, prior.digest, prior.size)
     ensure_uncompressed(store, chunker, rec)
-    # A plain gzip header: no name, mtime 0, XFL 0 (level 6), OS 255 "unknown".
-    xfl = 4 if level == 1 else 2 if level == 9 else 0  # as zlib's gzip writer sets it
+    # A plain gzip header: no name, mtime 0, the XFL zlib's gzip writer sets, OS "unknown".
+    xfl = 4 if level == 1 else 2 if level == 9 else 0
     header = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, xfl, 255])
-    params = gzipre.GzipParams(
-        header=header, level=CONVERT_LEVEL, wbits=15, mem_level=8, strategy=0
-    )
+    params = gzipre.GzipParams(header=header, level=level, wbits=15, mem_level=8, strategy=0)
     encoding = {"codec": "gzip", **params.to_dict()}
     draft = LayerRecord("", 0, "", rec.uncompressed, rec.uncompressed_size, encoding=encoding)
+    # One encoding: hashed for the digest, and written to the cache as it goes.
     sha = hashlib.sha256()
     size = 0
-    for piece in encode_layer(store, draft):
-        sha.update(piece)
-        size += len(piece)
-    digest = format_digest(sha.digest())
-    mt = media.OCI_LAYER_GZIP if oci else media.DOCKER_LAYER_GZIP
+    tmp: Any = None
+    if cache is not None:
+        fd, tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
+        tmp = os.fdopen(fd, "wb")
+    try:
+        for piece in encode_layer(store, draft):
+            sha.update(piece)
+            size += len(piece)
+            if tmp is not None:
+                tmp.write(piece)
+        digest = format_digest(sha.digest())
+        if tmp is not None:
+            tmp.close()
+            tmp = None
+            assert cache is not None
+            cache.adopt(digest, tmp_path)
+    finally:
+        if tmp is not None:
+            tmp.close()
+            os.unlink(tmp_path)
     new = LayerRecord(digest, size, mt, rec.uncompressed, rec.uncompressed_size, encoding=encoding)
     put_bytes(store, new.to_json(), chunker, media.layer_record_name(digest))
-    if cache is not None:
-        cache.fill(store, new)
+    # Remember it in the original's record: the next image sharing the layer reuses it.
+    memo = dataclasses.replace(rec, converted={**(rec.converted or {}), str(level): digest})
+    put_bytes(store, memo.to_json(), chunker, media.layer_record_name(layer.digest))
     return media.Descriptor(mt, digest, size)
 
 

@@ -261,6 +261,12 @@ def test_convert_makes_raw_layers_re_encodable_and_keeps_the_config(
     assert rec is not None
     assert rec.uncompressed == sha(tar_bytes)
     assert gzip.decompress(b"".join(encode_layer(store, rec))) == tar_bytes
+    # The same layer converted again (another image sharing it) is not re-encoded: the
+    # original's record remembers what it became.
+    memo = read_record(store, sha(raw_layer))
+    assert memo is not None
+    assert memo.converted == {"1": new_layer}
+    assert convert_image(store, None, "app:v1", "app:v1-again")["digest"] == result["digest"]
     # Converting again changes nothing.
     assert convert_image(store, None, "app:v1-casd", "app:again")["layers_converted"] == 0
 
