@@ -23,7 +23,7 @@ import trio
 from casd import DEFAULT_LISTEN, __version__
 from casd.chunking import DEFAULT_PARAMS, Chunker
 from casd.client import Client, TransferResult, open_client
-from casd.errors import CasdError, UserError
+from casd.errors import CasdError, PeerRefused, UserError
 from casd.oci import cli as oci_cli
 
 
@@ -125,7 +125,20 @@ async def cmd_put(client: Client, args: argparse.Namespace) -> int:
         chunks, size = _chunks_of(args.path, chunker, stack)
         start = time.perf_counter()
         with _ProgressBar("put", size, not args.quiet) as bar:
-            r = await client.push(chunks, name=args.name, progress=bar.advance)
+            try:
+                r = await client.push(chunks, name=args.name, progress=bar.advance, base=args.base)
+            except PeerRefused as exc:
+                if args.base is None or "delta base" not in exc.remote_message:
+                    raise
+                if args.path == "-":
+                    raise UserError(
+                        f"{exc.remote_message}; standard input cannot be sent again: retry "
+                        "without --base"
+                    ) from exc
+                # A base chunk went bad on the server: push again with plain chunks; what
+                # crossed already is stored there and is not sent again.
+                chunks, size = _chunks_of(args.path, chunker, stack)
+                r = await client.push(chunks, name=args.name, progress=bar.advance)
         seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps(_result_json(r, seconds, name=args.name, new_chunks=r.new_chunks)))
@@ -456,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("path", metavar="PATH|-", help="file to store, or - for standard input")
     s.add_argument("--name", help="also point this name at the blob")
+    s.add_argument(
+        "--base",
+        metavar="OLD",
+        help="a local older version the server holds: changed chunks travel as deltas "
+        "against it (while that is faster than sending them whole)",
+    )
     s.add_argument(
         "--no-compress",
         action="store_true",

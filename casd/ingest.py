@@ -43,7 +43,8 @@ class IngestResult:
 class StoreBatch:
     """Received chunks handed from the network side to a storing thread."""
 
-    items: list[tuple[bytes, int, bytes, int]]  # (id, codec, data as sent, raw size)
+    # (id, codec, data as sent, raw size, bases of a delta or ())
+    items: list[tuple[bytes, int, bytes, int, tuple[bytes, ...]]]
     limit: int  # recipe entries before this position can be hashed once it is stored
 
 
@@ -67,7 +68,7 @@ class BlobIngest:
         # Wanted (id, size, recipe position) whose data has not arrived yet, in order.
         self._expect: deque[tuple[bytes, int, int]] = deque()
         # Received, not yet stored: (id, codec, data as sent, raw size from the recipe).
-        self._pending: list[tuple[bytes, int, bytes, int]] = []
+        self._pending: list[tuple[bytes, int, bytes, int, tuple[bytes, ...]]] = []
         self._pending_bytes = 0
         # Position of the next recipe entry to feed into the blob hash.
         self._hashed = 0
@@ -106,8 +107,11 @@ class BlobIngest:
         self._ids.extend(ids)  # last: a reader that sees an id also sees its size
         return wanted
 
-    def add_chunk(self, cid: bytes, codec: int, data: bytes) -> None:
+    def add_chunk(
+        self, cid: bytes, codec: int, data: bytes, bases: tuple[bytes, ...] = ()
+    ) -> None:
         """Buffer one wanted chunk (cheap; decoding and hashing happen in store_batch).
+        ``bases``: a CHUNK_DELTA's base chunks (``codec`` is then ZSTD_PREFIX).
 
         Raises:
             IngestError: the chunk is not the next one wanted.
@@ -115,7 +119,7 @@ class BlobIngest:
         if not self._expect or self._expect[0][0] != cid:
             raise IngestError(f"chunk {cid.hex()} was not asked for at this point")
         _, size, _ = self._expect.popleft()
-        self._pending.append((cid, codec, data, size))
+        self._pending.append((cid, codec, data, size, bases))
         self._pending_bytes += len(data)
 
     def take_batch(self) -> StoreBatch:
@@ -141,8 +145,20 @@ class BlobIngest:
             NoSpace, StoreError: the store could not take them.
         """
         chunks: list[ChunkIn] = []
-        for cid, codec, data, size in batch.items:
-            if codec == Codec.ZSTD:
+        for cid, codec, data, size, bases in batch.items:
+            if codec == Codec.ZSTD_PREFIX:
+                try:
+                    prefix = b"".join(self._store.get_chunk(b) for b in bases)
+                except StoreError as exc:  # missing or damaged: the client resends plainly
+                    raise IngestError(
+                        f"delta base of chunk {cid.hex()} is not usable here: {exc}"
+                    ) from exc
+                try:
+                    raw = zstd.decompress_bounded(data, size, prefix=prefix)
+                except ValueError as exc:
+                    raise ChunkCorrupt(cid, f"sent delta does not decode: {exc}") from exc
+                chunks.append(ChunkIn(cid, raw))
+            elif codec == Codec.ZSTD:
                 try:
                     raw = zstd.decompress_bounded(data, size)
                 except ValueError as exc:

@@ -113,6 +113,7 @@ class ServerStats:
     # WANT_DELTA batches served encoded / as stored, by the measured choice; encode time.
     delta_batches: int = 0
     plain_batches: int = 0
+    delta_chunks_received: int = 0  # CHUNK_DELTA frames in pushes
     delta_encode_s: float = 0.0
 
 
@@ -449,6 +450,7 @@ class Session:
             "delta_chunks": s.delta_chunks,
             "delta_bytes_saved": s.delta_bytes_saved,
             "delta_batches": s.delta_batches,
+            "delta_chunks_received": s.delta_chunks_received,
             "plain_batches": s.plain_batches,
             "delta_encode_s": round(s.delta_encode_s, 4),
             "store_chunks": st.chunks,
@@ -715,6 +717,15 @@ class Session:
                         elif isinstance(msg, casproto.Chunk):
                             data = bytes(msg.data)  # already bytes when received: no copy
                             ingest.add_chunk(msg.id, int(msg.codec), data)
+                            self.ctx.stats.chunks_received += 1
+                            if ingest.pending_bytes >= ingest_mod.FLUSH_BYTES:
+                                await to_store.send(ingest.take_batch())
+                        elif isinstance(msg, casproto.ChunkDelta):
+                            data = bytes(msg.data)
+                            ingest.add_chunk(
+                                msg.id, int(casproto.Codec.ZSTD_PREFIX), data, tuple(msg.bases)
+                            )
+                            self.ctx.stats.delta_chunks_received += 1
                             self.ctx.stats.chunks_received += 1
                             if ingest.pending_bytes >= ingest_mod.FLUSH_BYTES:
                                 await to_store.send(ingest.take_batch())

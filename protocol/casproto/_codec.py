@@ -26,6 +26,7 @@ from ._messages import (
     CallProgress,
     Cancel,
     Chunk,
+    ChunkDelta,
     Codec,
     Error,
     Fsck,
@@ -282,6 +283,15 @@ def _doc(value: object) -> object:
 MAX_BASES: Final = 8
 
 
+def _base_ids(value: object) -> object:
+    ids = _array(value)
+    if not ids:
+        raise _FieldError("a delta needs at least one base chunk")
+    if len(ids) > MAX_BASES:
+        raise _FieldError(f"more than {MAX_BASES} bases for one chunk", ErrorCode.TOO_LARGE)
+    return _chunk_ids(ids)
+
+
 def _bases(value: object) -> object:
     lists = _batch(value)
     out = []
@@ -370,6 +380,7 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
     FsckDone: (("report", _stats), ("damaged", _chunk_ids)),
     SyncDone: (("report", _stats), ("items", _items)),
     Call: (("op", _text), ("args", _doc)),
+    ChunkDelta: (("id", _chunk_id), ("bases", _base_ids), ("data", _data)),
     CallProgress: (("progress", _stats),),
     CallDone: (("result", _doc),),
 }

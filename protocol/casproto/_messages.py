@@ -214,6 +214,17 @@ class Chunk(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkDelta(Message):
+    """C→S, inside a push: a wanted chunk as a zstd frame whose raw prefix is the listed
+    chunks (which the server holds), concatenated (SPEC §5.1). Needs "zstd-prefix"."""
+
+    TYPE: ClassVar[int] = 37
+    id: bytes
+    bases: tuple[bytes, ...]
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
 class PushEnd(Message):
     """C→S: every wanted chunk is sent; the blob has `size` bytes and `digest`."""
 
@@ -395,6 +406,7 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     PushEnd,
     PushDone,
     Cancel,
+    ChunkDelta,
     Pull,
     Recipe,
     Want,

@@ -28,6 +28,7 @@ from ._messages import (
     CallProgress,
     Cancel,
     Chunk,
+    ChunkDelta,
     Codec,
     Error,
     Fsck,
@@ -111,7 +112,10 @@ _FOLLOW_UPS: Final[
     Pull: (frozenset(), frozenset({Recipe})),
     Want: (frozenset(), frozenset({Chunk})),
     WantDelta: (frozenset(), frozenset({Chunk})),
-    PushBegin: (frozenset({PushRecipe, Chunk, PushEnd}), frozenset({PushWant, PushDone})),
+    PushBegin: (
+        frozenset({PushRecipe, Chunk, ChunkDelta, PushEnd}),
+        frozenset({PushWant, PushDone}),
+    ),
     Sync: (frozenset(), frozenset({SyncProgress, SyncDone})),
     Fsck: (frozenset(), frozenset({FsckDone})),
     Call: (frozenset(), frozenset({CallProgress, CallDone})),
@@ -219,7 +223,7 @@ class _PushRequest(_Request):
             raise _unexpected(f"{type(message).__name__} after PUSH_END on push {message.rid}")
         if isinstance(message, PushRecipe):
             self.unanswered.append(message.ids)
-        elif isinstance(message, Chunk):
+        elif isinstance(message, Chunk | ChunkDelta):
             if not self.wanted:
                 raise _unexpected(f"CHUNK on push {message.rid}, which wants no chunk now")
             if message.id != self.wanted[0]:
@@ -354,6 +358,8 @@ class ConversationState:
                 raise _unexpected("only the server sends CHUNK with codec ZSTD_PREFIX")
         if isinstance(message, WantDelta) and PREFIX_FEATURE not in self.features:
             raise _unexpected(f"WANT_DELTA but {PREFIX_FEATURE!r} was not negotiated")
+        if isinstance(message, ChunkDelta) and PREFIX_FEATURE not in self.features:
+            raise _unexpected(f"CHUNK_DELTA but {PREFIX_FEATURE!r} was not negotiated")
         if sender is Role.CLIENT:
             return self._from_client(message)
         self._from_server(message)

@@ -30,6 +30,7 @@ from casproto import (
     CallProgress,
     Cancel,
     Chunk,
+    ChunkDelta,
     Codec,
     Error,
     ErrorCode,
@@ -120,6 +121,7 @@ VECTORS: dict[str, Message] = {
     "sync_done": SyncDone(
         80, {"blobs": 1, "blobs_copied": 1, "seconds": 0.5}, (("release", DIGEST, "copied"),)
     ),
+    "chunk_delta": ChunkDelta(30, ID_TWO, (ID_ONE,), b"\x28\xb5\x2f\xfd-delta"),
     "call": Call(100, "gc", {"dry_run": True, "grace_s": 3600}),
     "call_progress": CallProgress(100, {"chunks_scanned": 512}),
     "call_done": CallDone(

@@ -15,7 +15,7 @@ import pytest
 
 from casd.chunking import Chunker, format_digest
 from casd.deltachoice import DeltaChooser
-from casd.errors import ChunkCorrupt, ChunkMissing
+from casd.errors import ChunkCorrupt, ChunkMissing, PeerRefused
 from casd.replicate import sync_into_store
 from casd.storage.memory import MemoryStore
 from casd.storage.testing import read_blob
@@ -193,3 +193,45 @@ def test_the_choice_follows_a_change_of_conditions() -> None:
     later = simulate(chooser, delta_rate=40e6, plain_rate=110e6, n=60)
     assert later[-16:].count(False) >= 14
 
+
+# --- pushes (CHUNK_DELTA, SPEC §5.1) ---------------------------------------------------
+
+
+async def test_a_push_with_a_base_sends_changed_chunks_as_deltas(tmp_path: Any) -> None:
+    size = 3_000_000
+    v1 = os.urandom(size)
+    v2 = edited(v1, [size // 5, size // 2, size * 4 // 5])
+    store = MemoryStore()
+    await push(store, v1, "blob")
+    old = tmp_path / "v1"
+    old.write_bytes(v1)
+    async with client_for(store) as c:
+        c.chunker_params = Chunker().params
+        r = await c.push(iter(list(Chunker().cut(v2))), name="blob", base=str(old))
+    assert read_blob(store, r.digest) == v2
+    assert r.chunks_transferred >= 3
+    assert r.chunks_delta == r.chunks_transferred
+    assert r.bytes_transferred < 20_000
+
+
+async def test_a_push_whose_base_is_bad_on_the_server_fails_cleanly_and_plain_works(
+    tmp_path: Any,
+) -> None:
+    size = 3_000_000
+    v1 = os.urandom(size)
+    v2 = edited(v1, [size // 2])
+    store = FlakyBase(ChunkCorrupt)
+    await push(store, v1, "blob")
+    store.old = set(store.get_recipe(store.resolve("blob")).ids)  # every base now fails
+    old = tmp_path / "v1"
+    old.write_bytes(v1)
+    async with client_for(store) as c:
+        c.chunker_params = Chunker().params
+        with pytest.raises(PeerRefused, match="delta base") as info:
+            await c.push(iter(list(Chunker().cut(v2))), name="blob", base=str(old))
+        assert info.value.code_name == "INVALID"
+        store.old = set()
+        assert store.resolve("blob") == format_digest(hashlib.sha256(v1).digest())
+        r = await c.push(iter(list(Chunker().cut(v2))), name="blob")
+    assert read_blob(store, r.digest) == v2
+    assert store.check(deep=True).clean

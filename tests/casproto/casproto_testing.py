@@ -21,6 +21,7 @@ from casproto import (
     CallProgress,
     Cancel,
     Chunk,
+    ChunkDelta,
     Codec,
     Connection,
     Error,
@@ -239,6 +240,13 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
         st.lists(st.tuples(texts, texts, texts), max_size=4).map(tuple),
     ),
     Call: st.builds(Call, rids, texts, documents()),
+    ChunkDelta: st.builds(
+        ChunkDelta,
+        rids,
+        st.binary(min_size=32, max_size=32),
+        st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=8).map(tuple),
+        st.binary(max_size=64),
+    ),
     CallProgress: st.builds(CallProgress, rids, st.dictionaries(texts, stat_values, max_size=6)),
     CallDone: st.builds(CallDone, rids, documents()),
 }

@@ -26,6 +26,7 @@ def test_error_codes_follow_the_spec_table() -> None:
         ("BUSY", 14),
         ("SHUTTING_DOWN", 15),
         ("UNREACHABLE", 16),
+        ("UNSUPPORTED", 17),
     ]
 
 

@@ -13,6 +13,7 @@ from casproto import (
     CallProgress,
     Cancel,
     Chunk,
+    ChunkDelta,
     Codec,
     ConnState,
     Error,
@@ -54,7 +55,7 @@ from hypothesis import strategies as st
 
 # The direction column of SPEC §3 and §4.
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
-CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync, Fsck, Call}
+CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync, Fsck, Call, ChunkDelta}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
 SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone, CallProgress, CallDone}
 BOTH_SEND = {Chunk, Error}

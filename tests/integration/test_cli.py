@@ -130,6 +130,32 @@ def test_a_seeded_get_fetches_changed_chunks_as_deltas_against_the_seed(
     assert get["bytes_transferred"] < 20_000
 
 
+def test_a_put_with_a_base_sends_changed_chunks_as_deltas(daemon: Daemon, tmp_path: Path) -> None:
+    v1 = os.urandom(4_000_000)
+    v2 = bytearray(v1)
+    for at in (800_000, 2_000_000, 3_200_000):
+        v2[at : at + 100] = os.urandom(100)
+    (tmp_path / "v1").write_bytes(v1)
+    (tmp_path / "v2").write_bytes(bytes(v2))
+    ok(casctl(daemon, "put", str(tmp_path / "v1"), "--name", "app"))
+    put = ok(
+        casctl(
+            daemon,
+            "put",
+            str(tmp_path / "v2"),
+            "--name",
+            "app",
+            "--base",
+            str(tmp_path / "v1"),
+            "--json",
+        )
+    ).json
+    assert put["chunks_transferred"] >= 3
+    assert put["chunks_delta"] == put["chunks_transferred"]
+    assert put["bytes_transferred"] < 20_000
+    assert ok(casctl(daemon, "get", "app")).out == bytes(v2)
+
+
 def test_get_to_an_existing_file_replaces_it_only_when_verified(
     daemon: Daemon, tmp_path: Path
 ) -> None:
