@@ -70,6 +70,10 @@ PULL_WINDOW_BATCHES = 16
 # space, so this is also the level at rest for pushed data). On real files level 1
 # compresses 1.4x faster than level 3 for a ratio 1-3 % worse (docs: limits.md).
 WIRE_LEVEL = 1
+# Delta bases: how much of an old version a chunk is encoded against, and from what size
+# on a chunk is worth it (the same rule as casd.replicate.choose_bases).
+MIN_DELTA_CHUNK = 2048
+BASE_BUDGET_FACTOR = 4
 # zstd level of deltas: level 3's window reaches a 2 MiB prefix (MAX_BASES chunks).
 DELTA_LEVEL = 3
 
@@ -847,6 +851,8 @@ class _PushBatcher:
                 if anchor is not None:
                     self._shift = anchor - at
                     bases.append(())
+                elif len(view) < MIN_DELTA_CHUNK:
+                    bases.append(())
                 else:
                     bases.append(index.around(at + self._shift, len(view)))
             else:
@@ -909,7 +915,7 @@ class _BaseIndex:
         k = max(0, bisect.bisect_right(self._starts, at) - 1)
         lo = hi = k
         total = self._entries[k][2]
-        while hi - lo + 1 < casproto.MAX_BASES and total < 2 * size + 65536:
+        while hi - lo + 1 < casproto.MAX_BASES and total < BASE_BUDGET_FACTOR * size:
             grew = False
             if hi + 1 < len(self._entries):
                 hi += 1

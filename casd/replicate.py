@@ -124,6 +124,15 @@ async def resolve_names(src: Client, names: list[str], all_names: bool) -> list[
     return out
 
 
+#: A missing chunk's bases are at most this many times its size (but at least
+#: BASE_BUDGET_MIN bytes): encoding and decoding cost grows with the prefix.
+BASE_BUDGET_FACTOR = 4
+BASE_BUDGET_MIN = 8 * 1024
+#: Chunks smaller than this get no bases: a 512-byte tar header saves ~100 bytes as a
+#: delta, less than the round of prefix setup costs in CPU at both ends.
+MIN_DELTA_CHUNK = 2048
+
+
 def choose_bases(
     recipe: casproto.Recipe | Recipe,
     need: list[tuple[bytes, int]],
@@ -166,15 +175,23 @@ def choose_bases(
         old_start, old_bytes = old_offsets[lo], old_offsets[hi] - old_offsets[lo]
         done = 0
         for k in range(i, j):
-            if ids[k] in missing and ids[k] not in out:
-                if hi - lo <= max_bases:
-                    pick = range(lo, hi)
-                else:
-                    # Map this chunk's place in the run onto the old run by proportion.
-                    at = old_start + old_bytes * done // run_bytes
-                    first = max(lo, _index_at(old_offsets, at) - max_bases // 2 + 1)
-                    pick = range(first, min(hi, first + max_bases))
-                out[ids[k]] = tuple(old.ids[p] for p in pick)
+            if ids[k] in missing and ids[k] not in out and sizes[k] >= MIN_DELTA_CHUNK:
+                # Map this chunk's place in the run onto the old run by proportion, and
+                # take the old chunks nearest it, up to a byte budget: zstd indexes the
+                # whole prefix, so a 512-byte tar header must not drag in 2 MiB of bases.
+                at = old_start + old_bytes * done // run_bytes
+                centre = min(max(_index_at(old_offsets, at), lo), hi - 1)
+                budget = max(BASE_BUDGET_FACTOR * sizes[k], BASE_BUDGET_MIN)
+                a = b = centre
+                total = old.sizes[centre]
+                while b - a + 1 < max_bases:
+                    grow_right = b + 1 < hi and (a <= lo or b - centre <= centre - a)
+                    nxt = b + 1 if grow_right else a - 1
+                    if nxt < lo or nxt >= hi or total + old.sizes[nxt] > budget:
+                        break
+                    total += old.sizes[nxt]
+                    a, b = min(a, nxt), max(b, nxt)
+                out[ids[k]] = tuple(old.ids[p] for p in range(a, b + 1))
             done += sizes[k]
         i = j
     return out
@@ -210,12 +227,20 @@ class _OrderedHasher:
     read from the store when their turn comes. Worker-thread calls, one at a time.
     """
 
-    def __init__(self, recipe: casproto.Recipe, store: Store, held: list[bytes]) -> None:
+    def __init__(
+        self,
+        recipe: casproto.Recipe,
+        store: Store,
+        held: list[bytes],
+        tee: Callable[[bytes], None] | None = None,
+    ) -> None:
         self._recipe = recipe
         self._store = store
         self._available = set(held)
         self._pos = 0
         self._sha = hashlib.sha256()
+        # Also handed every byte of the blob, in order (an OCI layer re-encodes as it lands).
+        self._tee = tee
 
     def advance(self, fresh: dict[bytes, bytes]) -> None:
         self._available.update(fresh)
@@ -230,6 +255,8 @@ class _OrderedHasher:
                     self._recipe.digest, f"a chunk of {len(data)} bytes at entry {self._pos}"
                 )
             self._sha.update(data)
+            if self._tee is not None:
+                self._tee(bytes(data))
             self._pos += 1
 
     def finish(self) -> str:
@@ -250,6 +277,7 @@ async def sync_into_store(
     base_hints: dict[str, str] | None = None,
     defer_names: list[tuple[str, str]] | None = None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
+    tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
 ) -> SyncReport:
     """Direct mode: copy blobs from the ``src`` server into the local ``store``.
 
@@ -258,6 +286,8 @@ async def sync_into_store(
     image). With ``defer_names`` the names are not moved but appended there, so a caller
     can first complete what the blobs reference (an image's layers) and tag after.
     ``on_blob(digest)`` is awaited after each blob this call copies is committed.
+    ``tee(digest)`` may return a function that is handed the blob's bytes in order as they
+    are hashed (in a worker thread), so work on them overlaps the transfer.
 
     Raises:
         PeerRefused, PeerGone: the source failed; what was stored so far stays.
@@ -296,6 +326,7 @@ async def sync_into_store(
             base_hints or {},
             defer_names,
             on_blob,
+            tee,
         )
     report.wire_bytes = src.peer.wire_bytes - wire_before
     _, raw, wire, decode_s, fallbacks = (
@@ -330,6 +361,7 @@ async def _copy_all(
     base_hints: dict[str, str],
     defer_names: list[tuple[str, str]] | None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
+    tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
 ) -> None:
     seen: dict[str, casproto.Recipe] = {}
     for name, digest in pairs:
@@ -368,7 +400,12 @@ async def _copy_all(
             continue
 
         missing = {cid for cid, _ in need}
-        hasher = _OrderedHasher(recipe, store, held=[c for c in recipe.ids if c not in missing])
+        hasher = _OrderedHasher(
+            recipe,
+            store,
+            held=[c for c in recipe.ids if c not in missing],
+            tee=tee(digest) if tee is not None else None,
+        )
 
         def store_and_hash(chunks: list[VerifiedChunk], hasher: _OrderedHasher = hasher) -> None:
             # Verified by fetch_chunks already: store without hashing again, keep the

@@ -13,18 +13,29 @@ Names move last: an image name never points at an image whose parts are missing.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from typing import Any
 
 import trio
 
+from casd.chunking import format_digest
 from casd.client import Client
 from casd.errors import PeerRefused
 from casd.nursery import open_nursery
 from casd.oci import media
-from casd.oci.layers import LayerCache, LayerRecord, read_record, read_small, resolve_name
+from casd.oci.layers import (
+    PIECE,
+    LayerCache,
+    LayerRecord,
+    read_record,
+    read_small,
+    resolve_name,
+)
 from casd.replicate import SyncReport, sync_into_store
 from casd.storage.interface import Store
 
@@ -147,6 +158,7 @@ async def _sync_digests(
     on_progress: Progress,
     hints: dict[str, str] | None = None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
+    tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
 ) -> None:
     todo = [d for d in dict.fromkeys(digests) if not await run(store.has_blob, d)]
     if not todo:
@@ -159,6 +171,7 @@ async def _sync_digests(
         on_progress=on_progress,
         base_hints=hints,
         on_blob=on_blob,
+        tee=tee,
     )
     _merge(report, part)
 
@@ -247,12 +260,29 @@ async def _complete_image(
     verify_limit = trio.CapacityLimiter(1)  # one core re-encodes, the other receives
     failed: list[str] = []
     done: set[str] = set()
+    # A layer whose tar crosses now is re-encoded as it lands (fed by the sync's hasher),
+    # so checking its digest overlaps the transfer instead of following it.
+    landing = {
+        rec.uncompressed: _Reencoder(rec, cache)
+        for rec in parsed.values()
+        if rec.reencodable and rec.raw is None
+    }
+
+    def tee(content: str) -> Callable[[bytes], None] | None:
+        r = landing.get(content)
+        return r.feed if r is not None else None
 
     async def verify(d: str) -> None:
         rec = parsed[d]
         if rec.reencodable and rec.raw is None:
-            async with verify_limit:
-                ok = await run(_verify, store, rec, cache)
+            r = landing.get(rec.uncompressed)
+            if r is not None and r.fed:
+                ok = await run(r.finish)
+            else:  # the tar was here already: re-encode it now
+                if r is not None:
+                    r.discard()
+                async with verify_limit:
+                    ok = await run(_verify, store, rec, cache)
             if not ok:
                 failed.append(d)
                 return
@@ -266,7 +296,7 @@ async def _complete_image(
                 done.add(d)
                 verifiers.start_soon(verify, d)
 
-        await _sync_digests(src, store, run, contents, report, on_progress, hints, arrived)
+        await _sync_digests(src, store, run, contents, report, on_progress, hints, arrived, tee)
         for d in parsed:  # layers whose content was here already
             await arrived(next(c for c, x in by_content.items() if x == d))
 
@@ -276,6 +306,65 @@ async def _complete_image(
         await _sync_digests(src, store, run, [d], report, on_progress)
         # The blob itself now serves the layer; its record (kept on the source) is not
         # needed here.
+
+
+class _Reencoder:
+    """Re-encodes a layer's tar fed in order, hashes the output, and writes it to the cache
+    (renamed in only once the digest matched). ``feed`` and ``finish`` run in worker
+    threads, one at a time."""
+
+    def __init__(self, rec: LayerRecord, cache: LayerCache | None) -> None:
+        from casd.oci.layers import _encoder
+
+        self.rec = rec
+        self.fed = False
+        self._enc = _encoder(rec)
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._cache = cache
+        self._tmp: Any = None
+        self._tmp_path = ""
+        if cache is not None and rec.size <= cache.max_bytes:
+            fd, self._tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
+            self._tmp = os.fdopen(fd, "wb")
+
+    def feed(self, data: bytes) -> None:
+        self.fed = True
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes >= PIECE:  # zlib on large pieces: fewer calls, GIL released
+            self._out(self._enc.update(b"".join(self._held)))
+            self._held, self._held_bytes = [], 0
+
+    def _out(self, piece: bytes) -> None:
+        if piece:
+            self._sha.update(piece)
+            self._size += len(piece)
+            if self._tmp is not None:
+                self._tmp.write(piece)
+
+    def finish(self) -> bool:
+        self._out(self._enc.update(b"".join(self._held)) + self._enc.finish())
+        self._held = []
+        ok = format_digest(self._sha.digest()) == self.rec.digest and self._size == self.rec.size
+        if not ok:
+            log.warning("layer %s does not re-encode here", self.rec.digest)
+        if self._tmp is not None:
+            self._tmp.close()
+            self._tmp = None
+            if ok and self._cache is not None:
+                self._cache.adopt(self.rec.digest, self._tmp_path)
+            else:
+                os.unlink(self._tmp_path)
+        return ok
+
+    def discard(self) -> None:
+        if self._tmp is not None:
+            self._tmp.close()
+            self._tmp = None
+            os.unlink(self._tmp_path)
 
 
 def _layer_ready(store: Store, digest: str) -> bool:

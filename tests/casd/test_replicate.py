@@ -12,7 +12,7 @@ def ids(*names: str) -> tuple[bytes, ...]:
     return tuple(hashlib.sha256(n.encode()).digest() for n in names)
 
 
-def recipe(names: str, size: int = 100) -> Recipe:
+def recipe(names: str, size: int = 4096) -> Recipe:
     chunk_ids = ids(*names.split())
     return Recipe("sha256:" + "0" * 64, size * len(chunk_ids), chunk_ids, (size,) * len(chunk_ids))
 
@@ -54,3 +54,23 @@ def test_long_runs_map_by_position_within_the_bound() -> None:
 def test_no_old_chunk_in_between_means_no_base() -> None:
     old, new = recipe("a b"), recipe("a X b")
     assert choose_bases(new, need(new, "X"), old) == {}
+
+
+def test_chunks_too_small_to_pay_get_no_base() -> None:
+    old, new = recipe("a b c", size=512), recipe("a X c", size=512)
+    assert choose_bases(new, need(new, "X"), old) == {}
+
+
+def test_bases_stay_within_a_budget_of_the_chunks_size() -> None:
+    """A 4 KiB chunk is not encoded against eight 256 KiB chunks: zstd would index 2 MiB
+    of prefix to save a few hundred bytes."""
+    big = " ".join(f"o{i}" for i in range(10))
+    old = recipe(f"a {big} z", size=256 * 1024)
+    new = Recipe(
+        "sha256:" + "0" * 64,
+        2 * 256 * 1024 + 4096,
+        ids("a", "X", "z"),
+        (256 * 1024, 4096, 256 * 1024),
+    )
+    (bases,) = choose_bases(new, [(ids("X")[0], 4096)], old).values()
+    assert len(bases) == 1
