@@ -70,12 +70,15 @@ PULL_WINDOW_BATCHES = 16
 # space, so this is also the level at rest for pushed data). On real files level 1
 # compresses 1.4x faster than level 3 for a ratio 1-3 % worse (docs: limits.md).
 WIRE_LEVEL = 1
+# fetch_chunks stops asking for deltas while more than this share of its time goes into
+# waiting for its sink (the receiver's CPU or disk is the bottleneck, not the link).
+SINK_BOUND = 0.5
 # Delta bases: how much of an old version a chunk is encoded against, and from what size
 # on a chunk is worth it (the same rule as casd.replicate.choose_bases).
 MIN_DELTA_CHUNK = 2048
 BASE_BUDGET_FACTOR = 4
-# zstd level of deltas: level 3's window reaches a 2 MiB prefix (MAX_BASES chunks).
-DELTA_LEVEL = 3
+# zstd level of deltas (see casd.server.service.DELTA_LEVEL).
+DELTA_LEVEL = 1
 
 CONNECT_TIMEOUT = 10.0
 
@@ -590,6 +593,8 @@ class Client:
         # that crossed, and its re-run moves none of them again.
         failure: PeerError | None = None
         retry: list[bytes] = []  # deltas we could not decode: fetched again as they are
+        sink_share = [0.0]  # smoothed share of time receive() waits for the sink
+        last = [trio.current_time()]
 
         async def ask() -> None:
             nonlocal failure
@@ -597,7 +602,10 @@ class Client:
                 try:
                     for ids in batches:
                         rid, recv = self._open()
-                        hints = tuple(bases.get(i, ()) for i in ids) if use_delta and bases else ()
+                        # Deltas trade CPU for link bytes: not while our own side (storing,
+                        # hashing, re-encoding what arrives) is what holds things up.
+                        delta_now = use_delta and sink_share[0] < SINK_BOUND
+                        hints = tuple(bases.get(i, ()) for i in ids) if delta_now and bases else ()
                         if any(hints):
                             await self.peer.send(casproto.WantDelta(rid, ids, hints))
                         else:
@@ -640,7 +648,14 @@ class Client:
                         checkers.start_soon(check, 1, frames[half:])
                     # After a failure, every batch already asked for is still drained:
                     # frames that arrived before the failure are kept whatever their batch.
+                    t0 = trio.current_time()
                     await verified_send.send(parts[0] + parts[1])
+                    now = trio.current_time()
+                    # The share of time spent waiting for the sink, smoothed: near 1 when
+                    # the sink, not the link, is the bottleneck.
+                    blocked = (now - t0) / max(now - last[0], 1e-6)
+                    sink_share[0] += 0.3 * (min(blocked, 1.0) - sink_share[0])
+                    last[0] = now
 
         async def deliver() -> None:
             async with verified_recv:

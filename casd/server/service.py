@@ -88,10 +88,11 @@ HELLO_TIMEOUT = 30.0
 
 FEATURES = frozenset({"zstd", "zstd-prefix"})
 
-# zstd level for chunks encoded against a prefix: these travel over a WAN because the
-# receiver asked for a delta, so the ratio matters more than the CPU (level 3 costs
-# ~0.4 ms per 64 KiB chunk against a 200 KB prefix here).
-DELTA_LEVEL = 3
+# zstd level for chunks encoded against a prefix. Level 1 finds the same long matches
+# against a similar base as level 3 (same sizes measured on edited source files) at a
+# quarter of the time (0.1 vs 0.4 ms for a 64 KiB chunk against 256 KiB), and encoding
+# time is what decides whether a delta pays.
+DELTA_LEVEL = 1
 
 
 @dataclass

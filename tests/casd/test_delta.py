@@ -235,3 +235,20 @@ async def test_a_push_whose_base_is_bad_on_the_server_fails_cleanly_and_plain_wo
         r = await c.push(iter(list(Chunker().cut(v2))), name="blob")
     assert read_blob(store, r.digest) == v2
     assert store.check(deep=True).clean
+
+
+@pytest.mark.parametrize("prefix_size", [64 * 1024, 330_000, 1_300_000])
+def test_a_delta_finds_its_base_in_incompressible_data_whatever_the_prefix_size(
+    prefix_size: int,
+) -> None:
+    """zstd's default tables at low levels miss matches in a large prefix of random bytes
+    (compressed files inside a tar); casd sizes them to the prefix."""
+    from casd import zstd
+
+    old = os.urandom(prefix_size)
+    at = prefix_size // 3
+    chunk = bytearray(old[at : at + 60_000])
+    chunk[30_000:30_100] = os.urandom(100)
+    delta = zstd.compress_with_prefix(bytes(chunk), old, 1)
+    assert len(delta) < 1_000
+    assert zstd.decompress_bounded(delta, len(chunk), prefix=old) == chunk
