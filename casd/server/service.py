@@ -515,12 +515,19 @@ class Session:
                 mid = (start + end) // 2
                 parts: list[tuple[list[casproto.Chunk], int, float]] = [([], 0, 0.0)] * 2
 
+                failed: list[CasdError] = []
+
                 async def half(k: int, lo: int, hi: int) -> None:
-                    parts[k] = await self.ctx.run(read, lo, hi, delta)
+                    try:
+                        parts[k] = await self.ctx.run(read, lo, hi, delta)
+                    except CasdError as exc:  # both halves may fail (unknown ids): report one
+                        failed.append(exc)
 
                 async with open_nursery() as halves:
                     halves.start_soon(half, 0, start, mid)
                     halves.start_soon(half, 1, mid, end)
+                if failed:
+                    raise failed[0]
                 frames = parts[0][0] + parts[1][0]
                 raw = parts[0][1] + parts[1][1]
                 encode_s = parts[0][2] + parts[1][2]
