@@ -752,6 +752,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     started = time.monotonic()
+    env = environment()  # now: the commit whose code runs
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "casd", "protocol", "bench"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    env["uncommitted changes"] = "yes" if dirty else "none"
     corpus_dir = oci_corpus.DEFAULT_OUT / "quick" if args.quick else oci_corpus.DEFAULT_OUT
     names = ["quick-pystd"] if args.quick else (args.series or list(oci_corpus.SERIES_ORDER))
     log(f"corpus: {corpus_dir}")
@@ -795,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         "json": str(json_path.relative_to(REPO))
         if json_path.is_relative_to(REPO)
         else str(json_path),
-        "environment": environment(),
+        "environment": env,
         "corpus": [{"name": s.name, "kind": s.kind_of_change, "tags": s.tags} for s in series],
         "links": rows,
         "prepare": prep,
