@@ -388,33 +388,33 @@ def run_series(
         src = f"{A.addr}:{CASD_PORT}"
         prev = None
         if not measure_cold:
-            # B starts from v1 without measuring it: through the link without delay or
-            # rate limit it would be the same bytes; here it is simply fetched.
-            first = s.tags[0]
-            skopeo(
-                "copy",
-                "--src-tls-verify=false",
-                f"docker://{A.addr}:{REGISTRY_PORT}/{repo}:{first}",
-                f"oci:{plain_layout}:{first}",
-                prefix=B.exec_prefix(),
-            )
-            for d in [b] + ([b_nd] if b_nd else []):
-                casctl(
-                    "--server",
-                    d.address,
-                    "sync",
-                    src,
-                    d.address,
-                    f"{repo}:{first}",
+            # B starts from v1 without measuring it, the rate limit lifted meanwhile.
+            with link.unthrottled():
+                first = s.tags[0]
+                skopeo(
+                    "copy",
+                    "--src-tls-verify=false",
+                    f"docker://{A.addr}:{REGISTRY_PORT}/{repo}:{first}",
+                    f"oci:{plain_layout}:{first}",
                     prefix=B.exec_prefix(),
                 )
-            skopeo(
-                "copy",
-                "--src-tls-verify=false",
-                f"docker://127.0.0.1:{OCI_PORT}/{repo}:{first}",
-                f"oci:{casd_layout}:{first}",
-                prefix=B.exec_prefix(),
-            )
+                for d in [b] + ([b_nd] if b_nd else []):
+                    casctl(
+                        "--server",
+                        d.address,
+                        "sync",
+                        src,
+                        d.address,
+                        f"{repo}:{first}",
+                        prefix=B.exec_prefix(),
+                    )
+                skopeo(
+                    "copy",
+                    "--src-tls-verify=false",
+                    f"docker://127.0.0.1:{OCI_PORT}/{repo}:{first}",
+                    f"oci:{casd_layout}:{first}",
+                    prefix=B.exec_prefix(),
+                )
             prev = first
         for tag in s.tags if measure_cold else s.tags[1:]:
             label = f"cold {tag}" if prev is None else f"{prev}->{tag}"

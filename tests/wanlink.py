@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -329,6 +330,22 @@ class WanLink:
                         "--queue-bypass"])  # fmt: skip
         for h in self.hosts():
             _check(["ip", "-n", h.name, "link", "set", IFACE, "up"])
+
+    @contextlib.contextmanager
+    def unthrottled(self) -> Iterator[None]:
+        """Lift the rate limit for a while (the delay stays): for setup traffic that no
+        measurement is about, so a slow link does not spend minutes on it."""
+        if self.rate_mbit is None:
+            yield
+            return
+        for h in self.hosts():
+            _check(["tc", "-n", h.name, "qdisc", "del", "dev", IFACE, "root"])
+        try:
+            yield
+        finally:
+            for h in self.hosts():
+                _check(["tc", "-n", h.name, "qdisc", "replace", "dev", IFACE, "root",
+                        *self._tbf_args()])  # fmt: skip
 
     def _start_delayer(self, h: Host) -> None:
         err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _teardown
