@@ -25,14 +25,7 @@ from casd.chunking import DEFAULT_PARAMS, Chunker
 from casd.client import Client, TransferResult, open_client
 from casd.errors import CasdError, PeerRefused, UserError
 from casd.oci import cli as oci_cli
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
+from casd.units import human
 
 
 class _ProgressBar:

@@ -107,9 +107,7 @@ class BlobIngest:
         self._ids.extend(ids)  # last: a reader that sees an id also sees its size
         return wanted
 
-    def add_chunk(
-        self, cid: bytes, codec: int, data: bytes, bases: tuple[bytes, ...] = ()
-    ) -> None:
+    def add_chunk(self, cid: bytes, codec: int, data: bytes, bases: tuple[bytes, ...] = ()) -> None:
         """Buffer one wanted chunk (cheap; decoding and hashing happen in store_batch).
         ``bases``: a CHUNK_DELTA's base chunks (``codec`` is then ZSTD_PREFIX).
 

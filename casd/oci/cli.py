@@ -15,14 +15,7 @@ from casd.chunking import format_digest
 from casd.client import Client
 from casd.errors import PeerRefused, UserError
 from casd.oci import media
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
+from casd.units import human
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -160,13 +153,13 @@ async def _import(client: Client, args: argparse.Namespace) -> int:
     for layer in result["layers"]:
         note = f"  ({layer['note']})" if layer.get("note") else ""
         print(
-            f"{layer['digest'][:19]}  {_human(layer['size']):>10}  {layer['stored']:<12}"
-            f"  new {_human(layer['new_bytes'])}{note}",
+            f"{layer['digest'][:19]}  {human(layer['size']):>10}  {layer['stored']:<12}"
+            f"  new {human(layer['new_bytes'])}{note}",
             file=sys.stderr,
         )
     print(
         f"imported {result['name']} -> {result['digest']}: {result['manifests']} manifest(s), "
-        f"{len(result['layers'])} layer(s), {_human(result['bytes_downloaded'])} downloaded "
+        f"{len(result['layers'])} layer(s), {human(result['bytes_downloaded'])} downloaded "
         f"in {result['seconds']:.2f}s",
         file=sys.stderr,
     )
@@ -187,8 +180,8 @@ async def _inspect(client: Client, args: argparse.Namespace) -> int:
         for layer in m["layers"]:
             print(
                 f"    {layer['digest'][:19]}  {layer['media_type'][:46]:<46}  "
-                f"{_human(layer['size']):>10}  {_human(layer['uncompressed_size']):>10}  "
-                f"{layer['stored']:<12}  {_human(layer['unique_bytes'])}"
+                f"{human(layer['size']):>10}  {human(layer['uncompressed_size']):>10}  "
+                f"{layer['stored']:<12}  {human(layer['unique_bytes'])}"
             )
     return 0
 
@@ -323,7 +316,7 @@ async def _export(client: Client, args: argparse.Namespace) -> int:
         json.dump({"schemaVersion": 2, "mediaType": media.OCI_INDEX, "manifests": entries}, out)
     if not args.quiet:
         print(
-            f"exported {args.name} ({top}) to {args.dir} as {tag}: {_human(total)}", file=sys.stderr
+            f"exported {args.name} ({top}) to {args.dir} as {tag}: {human(total)}", file=sys.stderr
         )
     return 0
 

@@ -242,6 +242,31 @@ def put_stream(store: Store, stream: BinaryIO, chunker: Chunker) -> str:
         return w.commit()
 
 
+class IterReader:
+    """A readable stream over an iterator of byte pieces, for code that pulls with
+    ``readinto`` (the chunkers) from code that pushes pieces (decoders, encoders)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._cur = memoryview(b"")
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        filled = 0
+        while filled < len(view):
+            if not self._cur:
+                piece = next(self._pieces, None)
+                if piece is None:
+                    break
+                self._cur = memoryview(piece).cast("B")
+                continue
+            n = min(len(view) - filled, len(self._cur))
+            view[filled : filled + n] = self._cur[:n]
+            self._cur = self._cur[n:]
+            filled += n
+        return filled
+
+
 # --- re-encoding ---------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from casd.errors import BlobMissing, UserError
 from casd.oci import media
 from casd.oci.importer import ImportOptions, import_image
 from casd.oci.layers import (
+    IterReader,
     LayerCache,
     LayerError,
     LayerRecord,
@@ -185,28 +186,12 @@ def ensure_uncompressed(store: Store, chunker: Chunker, rec: LayerRecord) -> Non
     if rec.raw is None or not store.has_blob(rec.raw):
         raise LayerError(f"layer {rec.digest}: neither its tar nor its compressed bytes are here")
     from casd.oci import gzipre
-    from casd.oci.layers import BlobWriter, iter_blob
+    from casd.oci.layers import BlobWriter, IterReader, iter_blob
     from casd.oci.tarcut import TarCutter
 
-    class _Tar:
-        def __init__(self) -> None:
-            self._pieces = gzipre.decompress(iter_blob(store, rec.raw))  # type: ignore[arg-type]
-            self._buf = b""
-
-        def readinto(self, buf: Any) -> int:
-            view = memoryview(buf).cast("B")
-            while len(self._buf) < len(view):
-                piece = next(self._pieces, None)
-                if piece is None:
-                    break
-                self._buf += piece
-            n = min(len(view), len(self._buf))
-            view[:n] = self._buf[:n]
-            self._buf = self._buf[n:]
-            return n
-
     with BlobWriter(store) as w:
-        for c in TarCutter(chunker).cut_stream(_Tar()):  # type: ignore[arg-type]
+        tar = IterReader(gzipre.decompress(iter_blob(store, rec.raw)))
+        for c in TarCutter(chunker).cut_stream(tar):  # type: ignore[arg-type]
             w.add(c)
         if w.digest != rec.uncompressed:
             raise LayerError(
@@ -346,27 +331,7 @@ def materialize(store: Store, digest: str) -> dict[str, Any]:
     if rec is None:
         raise BlobMissing(f"no layer {digest} in this store")
 
-    class _Pieces:
-        def __init__(self) -> None:
-            self._it = encode_layer(store, rec)  # type: ignore[arg-type]
-            self._buf = b""
-
-        def read(self, n: int = -1) -> bytes:
-            while n < 0 or len(self._buf) < n:
-                piece = next(self._it, None)
-                if piece is None:
-                    break
-                self._buf += piece
-            out, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
-            return out
-
-        def readinto(self, buf: Any) -> int:
-            view = memoryview(buf).cast("B")
-            data = self.read(len(view))
-            view[: len(data)] = data
-            return len(data)
-
-    got = put_stream(store, _Pieces(), Chunker())  # type: ignore[arg-type]
+    got = put_stream(store, IterReader(encode_layer(store, rec)), Chunker())  # type: ignore[arg-type]
     if got != digest:
         raise LayerError(f"re-encoding layer {digest} gave {got}")
     return {"digest": digest, "created": True}

@@ -34,7 +34,6 @@ from casd.storage.disk import DiskStore
 log = logging.getLogger("casd")
 
 
-
 def default_data_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "share"

@@ -295,3 +295,17 @@ def test_inspect_counts_bytes_no_other_blob_holds(tmp_path: Path, tar_bytes: byt
     put_bytes(store, tar_bytes[: len(tar_bytes) // 2], Chunker())
     shared = inspect_image(store, "app:v1")["manifests"][0]["layers"][0]["unique_bytes"]
     assert 0 < shared < alone
+
+
+def test_an_iter_reader_hands_out_exactly_the_pieces_whatever_the_read_sizes() -> None:
+    from casd.oci.layers import IterReader
+
+    pieces = [b"", b"abc", b"", b"defghij", b"k" * 100_000, b"xyz"]
+    reader = IterReader(iter(pieces))
+    got = bytearray()
+    for size in (1, 2, 5, 7, 64 * 1024, 3, 1 << 20, 10):
+        buf = bytearray(size)
+        n = reader.readinto(buf)
+        got += buf[:n]
+    assert bytes(got) == b"".join(pieces)
+    assert reader.readinto(bytearray(10)) == 0
