@@ -11,13 +11,11 @@ the cache once complete).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from casd.chunking import format_digest
 from casd.errors import BlobMissing
 from casd.oci import media
 from casd.oci.http import ManifestHit
@@ -205,10 +203,3 @@ def _close(gen: Iterator[bytes]) -> None:
     close = getattr(gen, "close", None)
     if close is not None:
         close()
-
-
-def sha256_of(pieces: list[bytes]) -> str:
-    h = hashlib.sha256()
-    for p in pieces:
-        h.update(p)
-    return format_digest(h.digest())

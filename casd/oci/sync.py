@@ -34,7 +34,6 @@ from casd.oci.layers import (
     LayerRecord,
     read_record,
     read_small,
-    resolve_name,
 )
 from casd.replicate import SyncReport, sync_into_store
 from casd.storage.interface import Store
@@ -387,10 +386,3 @@ def _verify(store: Store, rec: LayerRecord, cache: LayerCache | None) -> bool:
         log.warning("%s", exc)
         return False
     return True
-
-
-def image_references(store: Store, digest: str) -> list[str]:
-    """Every blob the image at ``digest`` needs (for tests and inspect)."""
-    return media.references(
-        digest, lambda d: read_small(store, d), lambda n: resolve_name(store, n)
-    )
