@@ -813,7 +813,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     json_path.write_text(json.dumps(res, indent=1))
     chart(steps, png)
-    if not args.quick:
+    # Only a whole run speaks for the project: a subset (or --quick) leaves RESULTS.md alone.
+    whole = not (args.quick or args.links or args.series or args.kinds != "real,converted")
+    if whole and args.out == HERE / "results":
         shutil.copy(png, HERE / "RESULTS.png")
         write_results_md(
             HERE / "RESULTS.md",

@@ -40,6 +40,9 @@ PROGRESS_INTERVAL_S = 0.25
 # Recipes fetched ahead of the blob being copied. A recipe is ~36 bytes per chunk; eight
 # ahead hide the round trip of each small blob behind the transfer of the previous ones.
 RECIPE_PREFETCH = 8
+#: Batches of fetched chunks that may wait for the blob hash (a batch is at most
+#: PULL_BATCH_BYTES): the bound on memory when hashing lags behind the link.
+HASH_LAG_BATCHES = 16
 
 Run = Callable[..., Awaitable[Any]]  # runs a sync store call in a worker thread
 
@@ -407,17 +410,29 @@ async def _copy_all(
             tee=tee(digest) if tee is not None else None,
         )
 
-        def store_and_hash(chunks: list[VerifiedChunk], hasher: _OrderedHasher = hasher) -> None:
-            # Verified by fetch_chunks already: store without hashing again, keep the
-            # compressed form as it came, and feed the blob hash while the link is busy.
+        def put(chunks: list[VerifiedChunk]) -> None:
+            # Verified by fetch_chunks already: store without hashing again, and keep the
+            # compressed form as it came.
             batch = [
                 ChunkIn(c.id, c.data, c.codec, c.payload, decoded_from_encoded=True) for c in chunks
             ]
             store.put_chunks(batch, verify=False)
-            hasher.advance({c.id: c.data for c in chunks})
 
-        async def keep(chunks: list[VerifiedChunk], name: str = name) -> None:
-            await run(store_and_hash, chunks)
+        # The blob hash (and a tee such as an OCI layer's re-encoding) follows the transfer
+        # in a task of its own: it reads the chunks held before from the store, which must
+        # not hold up storing what arrives. The queue bounds how far it may lag.
+        to_hash, hash_queue = trio.open_memory_channel[dict[bytes, bytes]](HASH_LAG_BATCHES)
+
+        async def follow(hasher: _OrderedHasher = hasher, queue: Any = hash_queue) -> None:
+            async with queue:
+                async for fresh in queue:
+                    await run(hasher.advance, fresh)
+
+        async def keep(
+            chunks: list[VerifiedChunk], name: str = name, to_hash: Any = to_hash
+        ) -> None:
+            await run(put, chunks)
+            await to_hash.send({c.id: c.data for c in chunks})
             report.chunks_delta += sum(c.codec == casproto.Codec.ZSTD_PREFIX for c in chunks)
             report.chunks_fetched += len(chunks)
             report.bytes_raw_fetched += sum(len(c.data) for c in chunks)
@@ -433,9 +448,12 @@ async def _copy_all(
         def read_base(ids: tuple[bytes, ...]) -> bytes:
             return b"".join(store.get_chunk(i) for i in ids)
 
-        report.bytes_fetched += await src.fetch_chunks(
-            need, keep, bases=bases or None, read_base=read_base
-        )
+        async with open_nursery() as nursery:
+            nursery.start_soon(follow)
+            async with to_hash:
+                report.bytes_fetched += await src.fetch_chunks(
+                    need, keep, bases=bases or None, read_base=read_base
+                )
         local = Recipe(digest, recipe.size, recipe.ids, recipe.sizes)
         actual = await run(hasher.finish)
         if actual != digest:

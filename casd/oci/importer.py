@@ -21,6 +21,7 @@ import os
 import platform as host_platform
 import tempfile
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -31,12 +32,14 @@ from casd.chunking import Chunker, format_digest
 from casd.errors import CasdError, UserError
 from casd.nursery import open_nursery
 from casd.oci import media
+from casd.oci.gzipre import LayerFormatError
 from casd.oci.layers import (
     PIECE,
     BlobWriter,
     LayerCache,
     LayerError,
     LayerRecord,
+    make_encoder,
     put_bytes,
     put_stream,
     read_record,
@@ -158,10 +161,8 @@ class _ReencodeCheck:
     """Re-encodes uncompressed bytes as they are read and compares with the original
     compressed file as it goes; remembers the first mismatch."""
 
-    def __init__(self, params: Any, original: BinaryIO) -> None:
-        from casd.oci import gzipre
-
-        self._enc = gzipre.GzipEncoder(params)
+    def __init__(self, encoding: dict[str, Any], original: BinaryIO) -> None:
+        self._enc = make_encoder(encoding)
         self._original = original
         self.offset = 0
         self.failed: str | None = None
@@ -190,9 +191,13 @@ class _ReencodeCheck:
         return self.failed is None
 
 
-def _find_gzip_params(spool: str) -> tuple[Any, str]:
-    from casd.oci import gzipre
+def _find_gzip_encoding(spool: str) -> tuple[dict[str, Any] | None, str]:
+    """How to re-encode a gzip layer: a layer record's ``encoding``, or None and why not."""
+    from casd.oci import gzipre, members
 
+    found = _members_params(spool)
+    if found is not None:  # made by `oci convert`, here or on another casd host
+        return {"codec": members.CODEC, **found.to_dict()}, ""
     with open(spool, "rb") as f:
         comp = f.read(PROBE_BYTES)
     d = gzip.open(spool, "rb")  # noqa: SIM115 - closed below
@@ -208,7 +213,53 @@ def _find_gzip_params(spool: str) -> tuple[Any, str]:
         return None, str(exc)
     if params is None:
         return None, "no zlib parameters reproduce it (not made by zlib, e.g. Go's gzip)"
-    return params, ""
+    return {"codec": "gzip", **params.to_dict()}, ""
+
+
+def _members_params(spool: str) -> Any:
+    """The :class:`~casd.oci.members.MembersParams` that make the first gzip member of
+    the layer, if casd's member header starts it and a libdeflate level reproduces the
+    member exactly; else None. The whole layer is checked later, as it is stored."""
+    from casd.oci import members
+
+    limit = 64 * 1024 * 1024  # the largest segment MembersParams allows
+    with open(spool, "rb") as f:
+        if f.read(len(members.HEADER)) != members.HEADER:
+            return None
+        d = zlib.decompressobj(-15)
+        pieces: list[bytes] = []
+        held = read = 0
+        while not d.eof:
+            piece = f.read(PIECE)
+            if not piece:
+                return None
+            read += len(piece)
+            try:
+                out = d.decompress(piece, limit + 1 - held)
+            except zlib.error:
+                return None
+            pieces.append(out)
+            held += len(out)
+            if held > limit or (d.unconsumed_tail and not d.eof):
+                return None
+        end = len(members.HEADER) + read - len(d.unused_data) + 8  # the member's last byte
+        f.seek(0)
+        original = f.read(end)
+        more = bool(f.read(1))
+    segment = b"".join(pieces)
+    if len(original) != end or int.from_bytes(original[-4:], "little") != len(segment):
+        return None
+    size = len(segment) if more else max(len(segment), members.SEGMENT)
+    # Likeliest first: convert's default, then the levels a user would pick.
+    for level in (1, 6, 3, 9, 2, 4, 5, 7, 8, 10, 11, 12):
+        if members.member(segment, level) == original:
+            try:
+                return members.MembersParams.from_dict(
+                    {"level": level, "segment": size, "lib": members.LIB}
+                )
+            except LayerFormatError:
+                return None
+    return None
 
 
 def ingest_layer(
@@ -236,14 +287,14 @@ def ingest_layer(
         out.seconds = time.monotonic() - started
         return out
 
-    params: Any = None
+    encoding: dict[str, Any] | None = None
     check: _ReencodeCheck | None = None
     original: BinaryIO | None = None
     if media.is_gzip_layer(mt):
-        params, out.note = _find_gzip_params(spool)
-        if params is not None:
+        encoding, out.note = _find_gzip_encoding(spool)
+        if encoding is not None:
             original = open(spool, "rb")  # noqa: SIM115 - closed below
-            check = _ReencodeCheck(params, original)
+            check = _ReencodeCheck(encoding, original)
         decompressed: Any = gzip.open(spool, "rb")  # noqa: SIM115 - closed below
     elif media.is_zstd_layer(mt):
         from casd import zstd as zstd_mod
@@ -279,8 +330,7 @@ def ingest_layer(
     out.uncompressed, out.uncompressed_size = du, w.size
     out.new_bytes = w.new_bytes
     if reproduced:
-        enc = {"codec": "gzip", **params.to_dict()}
-        record = LayerRecord(desc.digest, desc.size, mt, du, w.size, encoding=enc)
+        record = LayerRecord(desc.digest, desc.size, mt, du, w.size, encoding=encoding)
         out.stored = "reencodable"
     else:
         with open(spool, "rb") as f:

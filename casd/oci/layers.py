@@ -6,15 +6,16 @@ tar member boundaries so that versions of a layer share chunks. Next to it goes 
 record*: a small JSON blob under the name ``.oci/layer/<D_c>`` that says how to get D_c
 back:
 
-- ``encoding`` set: re-encoding D_u with these parameters (Python's zlib, verified at
-  import) gives D_c byte for byte. Only the uncompressed chunks are kept.
+- ``encoding`` set: re-encoding D_u with these parameters gives D_c byte for byte:
+  Python's zlib settings verified at import, or the gzip members ``oci convert`` made
+  (:mod:`casd.oci.members`). Only the uncompressed chunks are kept.
 - ``raw`` set: the compressed bytes could not be reproduced (Go's gzip, zstd, ...); they
   are kept as a blob of their own, and the reason is in ``note``.
 
-Re-encoding costs CPU (zlib level 6: tens of MB/s) where a transfer would cost link time,
-so a verified re-encoding is also written to a bounded on-disk cache
-(:class:`LayerCache`) that serves repeated pulls at disk speed; the cache is only a copy,
-and losing it loses nothing.
+Re-encoding costs CPU (zlib level 6: tens of MB/s; a converted layer: hundreds) where a
+transfer would cost link time, so a verified re-encoding is also written to a bounded
+on-disk cache (:class:`LayerCache`) that serves repeated pulls at disk speed; the cache
+is only a copy, and losing it loses nothing.
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ class LayerRecord:
     media_type: str
     uncompressed: str  # D_u: the diff_id
     uncompressed_size: int
-    encoding: dict[str, Any] | None = None  # {"codec": "gzip", ...GzipParams.to_dict()}
+    # {"codec": "gzip", ...GzipParams.to_dict()} (imported, zlib reproduces it) or
+    # {"codec": "gzip-members", ...MembersParams.to_dict()} (made by `oci convert`)
+    encoding: dict[str, Any] | None = None
     raw: str | None = None  # D_c again, when the compressed bytes are stored as a blob
     note: str = ""
-    # `oci convert` results: zlib level (as text) -> digest of the re-compressed layer.
+    # `oci convert` results: "<codec>-<level>" -> digest of the re-compressed layer.
     converted: dict[str, str] | None = None
 
     @property
@@ -270,21 +273,24 @@ class IterReader:
 # --- re-encoding ---------------------------------------------------------------------
 
 
-def _encoder(record: LayerRecord) -> Any:
-    from casd.oci import gzipre
+def make_encoder(encoding: dict[str, Any] | None, digest: str = "") -> Any:
+    """The streaming encoder (``update``/``finish``) a layer record's ``encoding`` names."""
+    from casd.oci import gzipre, members
 
-    enc = record.encoding or {}
-    if enc.get("codec") != "gzip":
-        raise LayerError(f"layer {record.digest}: unknown encoding {enc.get('codec')!r}")
-    params = gzipre.GzipParams.from_dict({k: v for k, v in enc.items() if k != "codec"})
-    return gzipre.GzipEncoder(params)
+    enc = encoding or {}
+    rest = {k: v for k, v in enc.items() if k != "codec"}
+    if enc.get("codec") == "gzip":  # an imported layer zlib reproduces
+        return gzipre.GzipEncoder(gzipre.GzipParams.from_dict(rest))
+    if enc.get("codec") == members.CODEC:  # a layer `oci convert` made
+        return members.MembersEncoder(members.MembersParams.from_dict(rest))
+    raise LayerError(f"layer {digest}: unknown encoding {enc.get('codec')!r}")
 
 
 def encode_layer(store: Store, record: LayerRecord) -> Iterator[bytes]:
     """The compressed bytes of a re-encodable layer, made from its uncompressed chunks,
     in pieces; memory is bounded by a piece plus zlib's window. Does not verify: callers
     hash what they hand on (see :func:`verified_encoding`)."""
-    enc = _encoder(record)
+    enc = make_encoder(record.encoding, record.digest)
     pending: list[bytes] = []
     held = 0
     for data in iter_blob(store, record.uncompressed):

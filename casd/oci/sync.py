@@ -313,11 +313,11 @@ class _Reencoder:
     threads, one at a time."""
 
     def __init__(self, rec: LayerRecord, cache: LayerCache | None) -> None:
-        from casd.oci.layers import _encoder
+        from casd.oci.layers import make_encoder
 
         self.rec = rec
         self.fed = False
-        self._enc = _encoder(rec)
+        self._enc = make_encoder(rec.encoding, rec.digest)
         self._sha = hashlib.sha256()
         self._size = 0
         self._held: list[bytes] = []

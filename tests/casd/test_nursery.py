@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 import trio
 
@@ -9,24 +11,29 @@ from casd.errors import ChunkMissing, PeerGone
 from casd.nursery import open_nursery
 
 
+async def run_all(*tasks: Callable[[], Awaitable[None]]) -> None:
+    async with open_nursery() as n:
+        for task in tasks:
+            n.start_soon(task)
+
+
 async def test_one_failure_comes_out_as_itself() -> None:
     async def fail() -> None:
         raise PeerGone("gone")
 
     with pytest.raises(PeerGone):
-        async with open_nursery() as n:
-            n.start_soon(fail)
-            await trio.sleep_forever()
+        await run_all(fail, trio.sleep_forever)
 
 
 async def test_several_casd_errors_come_out_as_the_first_with_the_rest_noted() -> None:
-    async def fail(k: int) -> None:
-        raise ChunkMissing(bytes([k]) * 32)  # no checkpoint: both fail before any cancel
+    def fail(k: int) -> Callable[[], Awaitable[None]]:
+        async def task() -> None:
+            raise ChunkMissing(bytes([k]) * 32)  # no checkpoint: both fail before any cancel
+
+        return task
 
     with pytest.raises(ChunkMissing) as info:
-        async with open_nursery() as n:
-            n.start_soon(fail, 0)
-            n.start_soon(fail, 1)
+        await run_all(fail(0), fail(1))
     assert any("also: ChunkMissing" in note for note in info.value.__notes__)
 
 
@@ -38,6 +45,4 @@ async def test_a_bug_next_to_an_error_stays_a_group() -> None:
         raise KeyError("bug")
 
     with pytest.raises(ExceptionGroup):
-        async with open_nursery() as n:
-            n.start_soon(fail)
-            n.start_soon(bug)
+        await run_all(fail, bug)

@@ -7,13 +7,15 @@ import gzip
 import hashlib
 import json
 import shutil
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
 
 from casd.chunking import Chunker, format_digest
-from casd.oci import media
+from casd.oci import media, members
 from casd.oci.importer import ImportError_, ingest_layer, layer_present
 from casd.oci.layers import (
     LayerCache,
@@ -265,10 +267,49 @@ def test_convert_makes_raw_layers_re_encodable_and_keeps_the_config(
     # original's record remembers what it became.
     memo = read_record(store, sha(raw_layer))
     assert memo is not None
-    assert memo.converted == {"1": new_layer}
+    assert memo.converted == {"gzip-members-1": new_layer}
     assert convert_image(store, None, "app:v1", "app:v1-again")["digest"] == result["digest"]
     # Converting again changes nothing.
     assert convert_image(store, None, "app:v1-casd", "app:again")["layers_converted"] == 0
+
+
+@pytest.mark.parametrize(("level", "segment"), [(1, members.SEGMENT), (3, 8192)])
+def test_a_converted_layer_imported_from_a_registry_stays_re_encodable(
+    tmp_path: Path, tar_bytes: bytes, level: int, segment: int
+) -> None:
+    """casd's own gzip members (`oci convert` on another host, pushed to a registry) are
+    recognised: level and segment size found from the first member, the rest verified."""
+    store = MemoryStore()
+    params = members.MembersParams(level, segment=segment)
+    enc = members.MembersEncoder(params)
+    layer = enc.update(tar_bytes) + enc.finish()
+    out = ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP, sha(tar_bytes))
+    assert out.stored == "reencodable"
+    rec = read_record(store, sha(layer))
+    assert rec is not None
+    assert rec.encoding == {"codec": members.CODEC, **params.to_dict()}
+    assert b"".join(encode_layer(store, rec)) == layer
+
+
+def test_a_member_series_that_does_not_reproduce_past_its_first_member_is_kept_raw(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    store = MemoryStore()
+    seg = 8192
+    pieces = [tar_bytes[i : i + seg] for i in range(0, len(tar_bytes), seg)]
+    assert len(pieces) > 2
+    # The second member made by zlib: same header, different deflate body.
+    body = zlib.compressobj(9, zlib.DEFLATED, -15)
+    odd = body.compress(pieces[1]) + body.flush()
+    second = members.HEADER + odd + struct.pack("<II", zlib.crc32(pieces[1]), len(pieces[1]))
+    assert second != members.member(pieces[1], 1)
+    layer = b"".join(second if i == 1 else members.member(p, 1) for i, p in enumerate(pieces))
+    out = ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP, sha(tar_bytes))
+    assert out.stored == "raw"
+    assert "differ" in out.note
+    rec = read_record(store, sha(layer))
+    assert rec is not None
+    assert read_blob(store, sha(layer)) == layer
 
 
 def test_materialize_stores_the_compressed_bytes_as_a_blob(

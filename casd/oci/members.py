@@ -1,0 +1,140 @@
+"""The gzip casd writes itself (``oci convert``): one gzip member per MiB of tar.
+
+A layer casd converts must be re-encoded, byte for byte, by every casd host that serves
+it: a receiver gets the tar's chunks, not the compressed bytes. With one zlib stream
+that costs a single core at zlib's speed (about 65 MB/s of tar here at level 1), and it
+dominated the time of a sync on a fast link. So a converted layer is a *series of gzip
+members*, each the deflate of one ``segment`` (1 MiB) of the tar, made by libdeflate:
+
+- each member depends on its segment alone, so segments compress in parallel threads
+  (libdeflate releases the GIL), and any host makes the same bytes;
+- libdeflate level 1 ran at 174 MB/s on one core on a 153 MB tar of site-packages
+  (268 MB/s on two), against 67 MB/s for zlib level 1, and its output was 3 % smaller;
+- a member's header is casd's own (no name, mtime 0, OS "unknown"), so it does not
+  depend on the library, only the deflate body does; :attr:`MembersParams.lib` records
+  the library that made it. Another version may compress differently: the receiver
+  verifies the layer digest anyway and falls back to fetching the compressed bytes.
+
+Several members in one stream are plain RFC 1952: gzip(1), Go's compress/gzip (what
+skopeo, podman and containerd use), zlib and Python all read them as one stream.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+import deflate
+
+from casd.oci.gzipre import LayerFormatError
+
+CODEC = "gzip-members"
+#: Uncompressed bytes per member: large enough that losing deflate's 32 KiB of history at
+#: each boundary costs nothing measurable, small enough to spread over threads.
+SEGMENT = 1024 * 1024
+#: No FNAME, mtime 0, XFL 0, OS 255 ("unknown").
+HEADER = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 255])
+LIB = f"libdeflate (deflate {version('deflate')})"
+LEVELS = range(1, 13)
+
+#: Segments compressed per round: enough to keep every worker busy.
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    # One process-wide pool, made on first use: re-encoding happens in bursts, and its
+    # threads hold no state between calls.
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="casd-deflate")
+        return _pool
+
+
+@dataclass(frozen=True)
+class MembersParams:
+    level: int  # libdeflate level, 1..12
+    segment: int = SEGMENT
+    lib: str = LIB  # what made the members (informational: the digest decides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "segment": self.segment, "lib": self.lib}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MembersParams:
+        """Inverse of :meth:`to_dict`. Raises LayerFormatError on anything malformed."""
+        try:
+            params = cls(level=int(d["level"]), segment=int(d["segment"]), lib=str(d["lib"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LayerFormatError(f"unreadable gzip-members parameters {d!r}") from exc
+        if params.level not in LEVELS or not 4096 <= params.segment <= 64 * 1024 * 1024:
+            raise LayerFormatError(f"invalid gzip-members parameters {d!r}")
+        return params
+
+
+def member(segment: bytes | memoryview, level: int) -> bytes:
+    """One complete gzip member holding ``segment``."""
+    body = deflate.deflate_compress(segment, level)
+    return b"".join((HEADER, body, struct.pack("<II", zlib.crc32(segment), len(segment))))
+
+
+class MembersEncoder:
+    """Streams the member series of :class:`MembersParams`; the same interface as
+    :class:`casd.oci.gzipre.GzipEncoder` (output independent of how input is split).
+    Not thread-safe; it uses the shared worker pool for the segments themselves."""
+
+    def __init__(self, params: MembersParams) -> None:
+        self.params = params
+        self._buf = bytearray()
+        self._emitted = False
+        self._finished = False
+
+    def _compress(self, segments: Sequence[bytes]) -> bytes:
+        if not segments:
+            return b""
+        self._emitted = True
+        level = self.params.level
+        if len(segments) == 1:
+            return member(segments[0], level)
+        return b"".join(_executor().map(lambda s: member(s, level), segments))
+
+    def _take(self, n: int) -> list[bytes]:
+        seg = self.params.segment
+        view = memoryview(self._buf)
+        try:
+            out = [bytes(view[i * seg : (i + 1) * seg]) for i in range(n)]
+        finally:
+            view.release()
+        del self._buf[: n * seg]
+        return out
+
+    def update(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Compress more input; returns the members completed so far (may be empty)."""
+        if self._finished:
+            raise ValueError("update() after finish()")
+        self._buf += data
+        whole = len(self._buf) // self.params.segment
+        if whole < 2 * _WORKERS:
+            return b""
+        return self._compress(self._take(whole))
+
+    def finish(self) -> bytes:
+        """The remaining members (an empty input still gives one, empty, member)."""
+        if self._finished:
+            raise ValueError("finish() called twice")
+        self._finished = True
+        seg = self.params.segment
+        segments = self._take(len(self._buf) // seg)
+        if self._buf or not (segments or self._emitted):
+            segments.append(bytes(self._buf))
+            self._buf.clear()
+        return self._compress(segments)
