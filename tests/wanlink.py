@@ -16,7 +16,8 @@ test's own traffic crosses the link.
 * Rate: ``tc tbf`` on the egress of both veth ends (this kernel has no ``netem``).
 * Delay: in each namespace an iptables rule (``-t raw PREROUTING -i wan0 -j NFQUEUE``) hands
   every incoming packet to ``tests.wandelay``, which accepts it RTT/2 later. Both directions
-  are delayed, so a round trip costs ``rtt_ms``.
+  are delayed, so a round trip costs ``rtt_ms``. The delay process runs at a real-time
+  priority, so the hosts' own CPU load does not slow the link (a real one has its own).
 
 Needs root, ``ip``/``tc`` (Debian: iproute2) and ``iptables`` (Debian: iptables). Everything
 started here is stopped by PID and the namespaces are deleted on ``__exit__``, also after a
@@ -49,6 +50,8 @@ from typing import IO, Any
 
 REPO = Path(__file__).resolve().parent.parent
 IFACE = "wan0"
+#: SCHED_FIFO priority of the delay processes.
+DELAYER_PRIORITY = 20
 _counter = itertools.count()
 _NS_RE = re.compile(r"^(?P<prefix>.+)-(?P<pid>\d+)-(?P<n>\d+)-[ab]$")
 
@@ -363,6 +366,12 @@ class WanLink:
             err.close()
             raise
         self._delayers[h.name] = (proc, err)
+        # A real link does not share the hosts' CPUs. On a small machine the hosts' work
+        # (two daemons, skopeo, compression threads) would otherwise delay the delayer's
+        # wake-ups and so the packets: it gets a real-time priority. It sleeps in select()
+        # between packets, and the kernel caps real-time tasks at 95 % of a CPU anyway.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(proc.pid, os.SCHED_FIFO, os.sched_param(DELAYER_PRIORITY))
 
     def _dead_delayers(self) -> dict[str, str]:
         dead: dict[str, str] = {}
