@@ -19,7 +19,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn
@@ -620,10 +620,18 @@ class Client:
             nonlocal fetched_bytes, failure
             async with opened_recv, verified_send:
                 async for rid, recv, ids in opened_recv:
-                    frames: list[casproto.Chunk] = []
+                    frames: list[casproto.Chunk | _Packed] = []
                     try:
-                        for _ in ids:
-                            frames.append(await self._reply(recv))
+                        got = 0
+                        while got < len(ids):
+                            reply = await self._reply(recv)
+                            if isinstance(reply, casproto.ChunkPack):
+                                n = len(reply.lengths)
+                                frames.append(_Packed(reply, ids[got : got + n]))
+                                got += n
+                            else:
+                                frames.append(reply)
+                                got += 1
                     except PeerError as exc:
                         failure = failure or exc
                     finally:
@@ -636,7 +644,7 @@ class Client:
 
                     async def check(
                         k: int,
-                        part: list[casproto.Chunk],
+                        part: list[casproto.Chunk | _Packed],
                         parts: list[list[VerifiedChunk]] = parts,
                     ) -> None:
                         parts[k] = await trio.to_thread.run_sync(
@@ -736,6 +744,18 @@ class Client:
 
 
 @dataclass(frozen=True, slots=True)
+class _Packed:
+    """A CHUNK_PACK as received, with the ids it answers (the next ones asked for)."""
+
+    pack: casproto.ChunkPack
+    ids: tuple[bytes, ...]
+
+    @property
+    def data(self) -> bytes | bytearray | memoryview:
+        return self.pack.data
+
+
+@dataclass(frozen=True, slots=True)
 class VerifiedChunk:
     """A fetched chunk whose bytes hash to its id: ``data`` decoded, ``frame`` as sent."""
 
@@ -745,8 +765,37 @@ class VerifiedChunk:
     payload: bytes  # as it crossed the wire (zstd when codec is ZSTD)
 
 
+def _unpack(item: _Packed, sizes: dict[bytes, int]) -> list[VerifiedChunk]:
+    """The chunks of a CHUNK_PACK, each checked against the id asked for at its place."""
+    pack = item.pack
+    for cid, length in zip(item.ids, pack.lengths, strict=True):
+        if sizes.get(cid) != length:
+            raise ChunkCorrupt(cid, f"the server packed it as {length} bytes")
+    total = sum(pack.lengths)  # bounded by what we asked for, so by PULL_BATCH_BYTES
+    payload = bytes(pack.data)
+    if pack.codec == casproto.Codec.ZSTD:
+        try:
+            data = zstd.decompress_bounded(payload, total)
+        except ValueError as exc:
+            raise ChunkCorrupt(item.ids[0], f"a pack of chunks is invalid zstd: {exc}") from exc
+    else:
+        data = payload
+    if len(data) != total:
+        raise ChunkCorrupt(item.ids[0], f"a pack of chunks holds {len(data)} bytes, not {total}")
+    out = []
+    view = memoryview(data)
+    pos = 0
+    for cid, length in zip(item.ids, pack.lengths, strict=True):
+        chunk = bytes(view[pos : pos + length])
+        pos += length
+        if chunk_id(chunk) != cid:
+            raise ChunkCorrupt(cid, "the server packed bytes that do not hash to the chunk id")
+        out.append(VerifiedChunk(cid, chunk, casproto.Codec.RAW, chunk))
+    return out
+
+
 def verify_chunks(
-    frames: list[casproto.Chunk],
+    frames: Sequence[casproto.Chunk | _Packed],
     sizes: dict[bytes, int],
     bases: dict[bytes, tuple[bytes, ...]] | None = None,
     read_base: Callable[[tuple[bytes, ...]], bytes] | None = None,
@@ -765,6 +814,9 @@ def verify_chunks(
     """
     out: list[VerifiedChunk] = []
     for f in frames:
+        if isinstance(f, _Packed):
+            out.extend(_unpack(f, sizes))
+            continue
         size = sizes.get(f.id)
         if size is None:
             raise ChunkCorrupt(f.id, "the server sent a chunk that was not asked for")
@@ -1139,7 +1191,7 @@ async def open_client_on_stream(
             casproto.Hello(
                 0,
                 casproto.PROTOCOL_VERSION,
-                ("zstd", casproto.PREFIX_FEATURE),
+                ("zstd", casproto.PREFIX_FEATURE, casproto.PACK_FEATURE),
                 token,
                 f"casctl/{__version__}",
             )

@@ -25,8 +25,8 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -44,8 +44,9 @@ HEADER = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 255])
 LIB = f"libdeflate (deflate {version('deflate')})"
 LEVELS = range(1, 13)
 
-#: Segments compressed per round: enough to keep every worker busy.
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: Segments an encoder keeps in flight on the pool: every worker busy, memory bounded.
+_IN_FLIGHT = 2 * _WORKERS
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -90,51 +91,54 @@ def member(segment: bytes | memoryview, level: int) -> bytes:
 class MembersEncoder:
     """Streams the member series of :class:`MembersParams`; the same interface as
     :class:`casd.oci.gzipre.GzipEncoder` (output independent of how input is split).
-    Not thread-safe; it uses the shared worker pool for the segments themselves."""
+
+    Segments are compressed on the shared worker pool *behind* the caller: ``update``
+    hands over whole segments and returns the members finished so far, waiting only when
+    more than a few are in flight. The caller (reading chunks from the store, hashing)
+    and the compression overlap, on different cores. Not thread-safe.
+    """
 
     def __init__(self, params: MembersParams) -> None:
         self.params = params
         self._buf = bytearray()
+        self._inflight: deque[Future[bytes]] = deque()
         self._emitted = False
         self._finished = False
 
-    def _compress(self, segments: Sequence[bytes]) -> bytes:
-        if not segments:
-            return b""
+    def _submit(self, segment: bytes) -> None:
         self._emitted = True
-        level = self.params.level
-        if len(segments) == 1:
-            return member(segments[0], level)
-        return b"".join(_executor().map(lambda s: member(s, level), segments))
+        self._inflight.append(_executor().submit(member, segment, self.params.level))
 
-    def _take(self, n: int) -> list[bytes]:
-        seg = self.params.segment
-        view = memoryview(self._buf)
-        try:
-            out = [bytes(view[i * seg : (i + 1) * seg]) for i in range(n)]
-        finally:
-            view.release()
-        del self._buf[: n * seg]
-        return out
+    def _ready(self, keep: int) -> bytes:
+        # Members in order: those done, and as many more as needed to leave `keep` in flight.
+        out = []
+        while self._inflight and (len(self._inflight) > keep or self._inflight[0].done()):
+            out.append(self._inflight.popleft().result())
+        return b"".join(out)
 
     def update(self, data: bytes | bytearray | memoryview) -> bytes:
         """Compress more input; returns the members completed so far (may be empty)."""
         if self._finished:
             raise ValueError("update() after finish()")
         self._buf += data
-        whole = len(self._buf) // self.params.segment
-        if whole < 2 * _WORKERS:
-            return b""
-        return self._compress(self._take(whole))
+        seg = self.params.segment
+        whole = len(self._buf) // seg
+        if whole:
+            view = memoryview(self._buf)
+            try:
+                for i in range(whole):
+                    self._submit(bytes(view[i * seg : (i + 1) * seg]))
+            finally:
+                view.release()
+            del self._buf[: whole * seg]
+        return self._ready(keep=_IN_FLIGHT)
 
     def finish(self) -> bytes:
         """The remaining members (an empty input still gives one, empty, member)."""
         if self._finished:
             raise ValueError("finish() called twice")
         self._finished = True
-        seg = self.params.segment
-        segments = self._take(len(self._buf) // seg)
-        if self._buf or not (segments or self._emitted):
-            segments.append(bytes(self._buf))
+        if self._buf or not self._emitted:
+            self._submit(bytes(self._buf))
             self._buf.clear()
-        return self._compress(segments)
+        return self._ready(keep=0)

@@ -86,7 +86,18 @@ MAX_PUSHES = 128
 # How long a connection may take to say HELLO before it is dropped.
 HELLO_TIMEOUT = 30.0
 
-FEATURES = frozenset({"zstd", "zstd-prefix"})
+FEATURES = frozenset({"zstd", casproto.PREFIX_FEATURE, casproto.PACK_FEATURE})
+
+# Chunks up to this size that a WANT batch answers next to each other travel as one
+# CHUNK_PACK (SPEC §4.1): a tar member's header (512 B) or a small file costs more as a
+# frame of its own (a 32-byte id, framing, zstd without context) than its bytes. On the
+# 5,693 headers of a 153 MB layer: 658 KB zstd'd one by one (+182 KB of ids), 99 KB in
+# 64 KiB packs.
+PACK_MAX_CHUNK = 16 * 1024
+# Largest pack, decoded: bounds what a receiver decompresses at once.
+PACK_MAX_BYTES = 1024 * 1024
+# zstd level of packs: what chunks at rest use (casd.storage._encode).
+PACK_LEVEL = 3
 
 # zstd level for chunks encoded against a prefix. Level 1 finds the same long matches
 # against a similar base as level 3 (same sizes measured on edited source files) at a
@@ -107,6 +118,8 @@ class ServerStats:
     bytes_sent: int = 0
     chunks_received: int = 0
     chunks_sent: int = 0
+    packs_sent: int = 0  # CHUNK_PACK frames, and the chunks they carried
+    packed_chunks_sent: int = 0
     errors: int = 0
     delta_candidates: int = 0
     delta_chunks: int = 0
@@ -446,6 +459,8 @@ class Session:
             "bytes_sent": s.bytes_sent,
             "chunks_received": s.chunks_received,
             "chunks_sent": s.chunks_sent,
+            "packs_sent": s.packs_sent,
+            "packed_chunks_sent": s.packed_chunks_sent,
             "errors": s.errors,
             "delta_candidates": s.delta_candidates,
             "delta_chunks": s.delta_chunks,
@@ -485,11 +500,15 @@ class Session:
 
     async def _want(self, ev: casproto.Want | casproto.WantDelta, ticket: int) -> None:
         zstd_ok = "zstd" in self.features
+        pack_ok = casproto.PACK_FEATURE in self.features
         store = self.ctx.store
         bases = ev.bases if isinstance(ev, casproto.WantDelta) else None
+        Frames = list[casproto.Chunk | casproto.ChunkPack]
 
-        def read(start: int, end: int, delta: bool) -> tuple[list[casproto.Chunk], int, float]:
-            out = []
+        def read(start: int, end: int, delta: bool) -> tuple[Frames, int, float]:
+            out: Frames = []
+            run: list[tuple[casproto.Chunk, bytes]] = []  # small chunks to pack, decoded
+            run_bytes = 0
             raw = 0
             encode_s = 0.0
             for k in range(start, end):
@@ -504,16 +523,30 @@ class Session:
                     t0 = time.perf_counter()
                     frame = self._delta_or(frame, s, bases[k])
                     encode_s += time.perf_counter() - t0
-                out.append(frame)
+                packable = (
+                    pack_ok
+                    and s.raw_size <= PACK_MAX_CHUNK
+                    and frame.codec != casproto.Codec.ZSTD_PREFIX
+                )
+                if run and (not packable or run_bytes + s.raw_size > PACK_MAX_BYTES):
+                    out.extend(self._pack(ev.rid, run, zstd_ok))
+                    run, run_bytes = [], 0
+                if packable:
+                    data = decode_stored(cid, s.codec, s.payload, s.raw_size)
+                    run.append((frame, data))
+                    run_bytes += s.raw_size
+                else:
+                    out.append(frame)
+            out.extend(self._pack(ev.rid, run, zstd_ok))
             return out, raw, encode_s
 
-        async def read_batch(start: int, end: int, delta: bool) -> tuple[list[casproto.Chunk], int]:
+        async def read_batch(start: int, end: int, delta: bool) -> tuple[Frames, int]:
             if not delta or end - start < 8:
                 frames, raw, encode_s = await self.ctx.run(read, start, end, delta)
             else:
                 # zstd releases the GIL: two threads encode the two halves of a batch.
                 mid = (start + end) // 2
-                parts: list[tuple[list[casproto.Chunk], int, float]] = [([], 0, 0.0)] * 2
+                parts: list[tuple[Frames, int, float]] = [([], 0, 0.0)] * 2
 
                 failed: list[CasdError] = []
 
@@ -535,9 +568,7 @@ class Session:
             return frames, raw
 
         # A reader task stays one batch ahead of the sender: disk and network overlap.
-        send, recv = trio.open_memory_channel[tuple[list[casproto.Chunk], int, bool | None, float]](
-            1
-        )
+        send, recv = trio.open_memory_channel[tuple[Frames, int, bool | None, float]](1)
 
         async def produce() -> None:
             # Only the WANTs next in line read ahead: a client with a thousand WANTs open
@@ -560,7 +591,10 @@ class Session:
                 async with recv:
                     async for frames, raw, kind, started in recv:
                         await self.peer.send_many(frames)
-                        self.ctx.stats.chunks_sent += len(frames)
+                        self.ctx.stats.chunks_sent += sum(
+                            len(f.lengths) if isinstance(f, casproto.ChunkPack) else 1
+                            for f in frames
+                        )
                         now = trio.current_time()
                         if kind is not None:
                             self._delta.record(kind, raw, now - max(started, self._last_sent))
@@ -571,6 +605,22 @@ class Session:
                         self._last_sent = now
         finally:
             await self._wants.done(ticket)
+
+    def _pack(
+        self, rid: int, run: list[tuple[casproto.Chunk, bytes]], zstd_ok: bool
+    ) -> list[casproto.Chunk | casproto.ChunkPack]:
+        # Worker thread. A run of small chunks as one CHUNK_PACK; a run of one stays as is.
+        if len(run) < 2:
+            return [frame for frame, _ in run]
+        data = b"".join(d for _, d in run)
+        codec = casproto.Codec.RAW
+        if zstd_ok:
+            packed = zstd.compress(data, PACK_LEVEL)
+            if len(packed) < len(data):
+                codec, data = casproto.Codec.ZSTD, packed
+        self.ctx.stats.packs_sent += 1
+        self.ctx.stats.packed_chunks_sent += len(run)
+        return [casproto.ChunkPack(rid, codec, tuple(len(d) for _, d in run), data)]
 
     def _delta_or(
         self, frame: casproto.Chunk, stored: StoredChunk, bases: tuple[bytes, ...]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._bitmap import pack_bitmap, unpack_bitmap
 from ._codec import MAX_BASES, FrameDecoder, decode_body, encode_message
 from ._connection import CLOSED, NEED_DATA, Connection, Event
-from ._constants import ID_SIZE, MAX_BATCH, MAX_FRAME, PROTOCOL_VERSION
+from ._constants import ID_SIZE, MAX_BATCH, MAX_CHUNK_SIZE, MAX_FRAME, PROTOCOL_VERSION
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._messages import (
     MESSAGE_CLASSES,
@@ -22,6 +22,7 @@ from ._messages import (
     Cancel,
     Chunk,
     ChunkDelta,
+    ChunkPack,
     Codec,
     Error,
     Fsck,
@@ -53,16 +54,18 @@ from ._messages import (
     Welcome,
 )
 from ._names import is_valid_digest, is_valid_name
-from ._state import PREFIX_FEATURE, ZSTD_FEATURE, ConnState, Role
+from ._state import PACK_FEATURE, PREFIX_FEATURE, ZSTD_FEATURE, ConnState, Role
 
 __all__ = [
     "CLOSED",
     "ID_SIZE",
     "MAX_BASES",
     "MAX_BATCH",
+    "MAX_CHUNK_SIZE",
     "MAX_FRAME",
     "MESSAGE_CLASSES",
     "NEED_DATA",
+    "PACK_FEATURE",
     "PREFIX_FEATURE",
     "PROTOCOL_VERSION",
     "ZSTD_FEATURE",
@@ -73,6 +76,7 @@ __all__ = [
     "Cancel",
     "Chunk",
     "ChunkDelta",
+    "ChunkPack",
     "Codec",
     "ConnState",
     "Connection",

@@ -16,7 +16,7 @@ from typing import Final, NamedTuple, cast
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]  # ships no type hints
 
-from ._constants import ID_SIZE, MAX_BATCH, MAX_BITMAP, MAX_FRAME, MAX_UINT
+from ._constants import ID_SIZE, MAX_BATCH, MAX_BITMAP, MAX_CHUNK_SIZE, MAX_FRAME, MAX_UINT
 from ._errors import ErrorCode, LocalProtocolError
 from ._messages import (
     MESSAGE_CLASSES,
@@ -27,6 +27,7 @@ from ._messages import (
     Cancel,
     Chunk,
     ChunkDelta,
+    ChunkPack,
     Codec,
     Error,
     Fsck,
@@ -201,6 +202,19 @@ def _chunk_ids_nonempty(value: object) -> object:
     if ids:
         return ids
     raise _FieldError(f"expected 1 to {MAX_BATCH} chunk ids, got none", ErrorCode.INVALID)
+
+
+def _lengths(value: object) -> object:
+    # CHUNK_PACK: 1..MAX_BATCH chunk lengths, each 1..MAX_CHUNK_SIZE.
+    lengths = _batch(value)
+    if lengths and set(map(type, lengths)) <= {int}:
+        ints = cast(tuple[int, ...], lengths)
+        if min(ints) >= 1 and max(ints) <= MAX_CHUNK_SIZE:
+            return ints
+    raise _FieldError(
+        f"expected 1 to {MAX_BATCH} chunk lengths of 1 to {MAX_CHUNK_SIZE} bytes",
+        ErrorCode.INVALID,
+    )
 
 
 def _sizes(value: object) -> object:
@@ -381,6 +395,7 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
     SyncDone: (("report", _stats), ("items", _items)),
     Call: (("op", _text), ("args", _doc)),
     ChunkDelta: (("id", _chunk_id), ("bases", _base_ids), ("data", _data)),
+    ChunkPack: (("codec", _codec), ("lengths", _lengths), ("data", _data)),
     CallProgress: (("progress", _stats),),
     CallDone: (("result", _doc),),
 }
@@ -428,6 +443,15 @@ def _checked(layout: _Layout, rid: object, raw: tuple[object, ...]) -> list[obje
             ids, sizes = values[layout.sizes_at], values[layout.sizes_at + 1]
             if len(cast(tuple[object, ...], ids)) != len(cast(tuple[object, ...], sizes)):
                 raise _FieldError("must have one size per id", ErrorCode.INVALID)
+        if layout.type_code == ChunkPack.TYPE:
+            where = "data"
+            codec, lengths, data = values[1:4]
+            if codec == Codec.ZSTD_PREFIX:
+                raise _FieldError("a pack is never delta-encoded", ErrorCode.INVALID)
+            if codec == Codec.RAW and memoryview(cast(bytes, data)).nbytes != sum(
+                cast(tuple[int, ...], lengths)
+            ):
+                raise _FieldError("raw pack data must be as long as its lengths", ErrorCode.INVALID)
         if layout.type_code == WantDelta.TYPE:
             where = "bases"
             ids, bases = values[1], values[2]

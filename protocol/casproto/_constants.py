@@ -22,5 +22,8 @@ ID_SIZE: Final = 32
 #: Largest bitmap in HAVE or PUSH_WANT: one bit per entry of the largest batch.
 MAX_BITMAP: Final = MAX_BATCH // 8
 
+#: Largest decoded chunk (SPEC §4): a CHUNK_PACK length beyond it is INVALID.
+MAX_CHUNK_SIZE: Final = 16 * 1024 * 1024
+
 #: msgpack's largest unsigned integer; every `uint` field must fit.
 MAX_UINT: Final = 2**64 - 1

@@ -225,6 +225,31 @@ class ChunkDelta(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkPack(Message):
+    """S→C, answering WANT or WANT_DELTA: the next ``len(lengths)`` chunks asked for, in
+    the order asked, concatenated in ``data`` (codec RAW) or in one zstd frame of that
+    concatenation (codec ZSTD) (SPEC §4.1). Needs "chunk-packs".
+
+    Small chunks (a tar member's header, a small file) cost more as frames of their own
+    than their bytes: an id each, and zstd without context. Packed, the receiver knows
+    their ids from its WANT and verifies each against the bytes at its place.
+    """
+
+    TYPE: ClassVar[int] = 38
+    codec: Codec
+    lengths: tuple[int, ...]
+    data: bytes | bytearray | memoryview
+
+    def __repr__(self) -> str:
+        try:
+            data = f"<{memoryview(self.data).nbytes} bytes>"
+        except TypeError:
+            data = repr(self.data)
+        n = len(self.lengths) if isinstance(self.lengths, tuple) else self.lengths
+        return f"ChunkPack(rid={self.rid!r}, codec={self.codec!r}, chunks={n}, data={data})"
+
+
+@dataclass(frozen=True, slots=True)
 class PushEnd(Message):
     """C→S: every wanted chunk is sent; the blob has `size` bytes and `digest`."""
 
@@ -407,6 +432,7 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     PushDone,
     Cancel,
     ChunkDelta,
+    ChunkPack,
     Pull,
     Recipe,
     Want,

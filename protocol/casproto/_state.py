@@ -29,6 +29,7 @@ from ._messages import (
     Cancel,
     Chunk,
     ChunkDelta,
+    ChunkPack,
     Codec,
     Error,
     Fsck,
@@ -64,6 +65,8 @@ from ._messages import (
 ZSTD_FEATURE: Final = "zstd"
 #: The feature that allows WANT_DELTA and CHUNK codec ZSTD_PREFIX (SPEC §4.3).
 PREFIX_FEATURE: Final = "zstd-prefix"
+#: The feature that allows CHUNK_PACK answers to WANT and WANT_DELTA (SPEC §4.1).
+PACK_FEATURE: Final = "chunk-packs"
 
 
 class Role(Enum):
@@ -110,8 +113,8 @@ _FOLLOW_UPS: Final[
     Untag: (frozenset(), frozenset({Ok})),
     Stats: (frozenset(), frozenset({StatsResult})),
     Pull: (frozenset(), frozenset({Recipe})),
-    Want: (frozenset(), frozenset({Chunk})),
-    WantDelta: (frozenset(), frozenset({Chunk})),
+    Want: (frozenset(), frozenset({Chunk, ChunkPack})),
+    WantDelta: (frozenset(), frozenset({Chunk, ChunkPack})),
     PushBegin: (
         frozenset({PushRecipe, Chunk, ChunkDelta, PushEnd}),
         frozenset({PushWant, PushDone}),
@@ -170,7 +173,7 @@ class _PullRequest(_Request):
 
 
 class _WantRequest(_Request):
-    """WANT: exactly len(ids) CHUNKs, ids in the order asked (SPEC §4.1)."""
+    """WANT: len(ids) chunks in the order asked, as CHUNKs or CHUNK_PACKs (SPEC §4.1)."""
 
     __slots__ = ("delta", "ids", "sent")
 
@@ -181,6 +184,15 @@ class _WantRequest(_Request):
         self.delta = isinstance(opener, WantDelta)
 
     def from_server(self, message: Message) -> bool:
+        if isinstance(message, ChunkPack):
+            left = len(self.ids) - self.sent
+            if len(message.lengths) > left:
+                raise _unexpected(
+                    f"CHUNK_PACK of {len(message.lengths)} chunks for WANT {message.rid}, "
+                    f"which has {left} left"
+                )
+            self.sent += len(message.lengths)
+            return self.sent == len(self.ids)
         assert isinstance(message, Chunk)
         if message.codec == Codec.ZSTD_PREFIX and not self.delta:
             raise _unexpected(f"CHUNK with codec ZSTD_PREFIX answers WANT {message.rid}")
@@ -356,6 +368,13 @@ class ConversationState:
                 )
             if message.codec == Codec.ZSTD_PREFIX and sender is Role.CLIENT:
                 raise _unexpected("only the server sends CHUNK with codec ZSTD_PREFIX")
+        if isinstance(message, ChunkPack):
+            if PACK_FEATURE not in self.features:
+                raise _unexpected(f"CHUNK_PACK but {PACK_FEATURE!r} was not negotiated")
+            if message.codec == Codec.ZSTD and ZSTD_FEATURE not in self.features:
+                raise _unexpected(
+                    f"CHUNK_PACK with codec ZSTD but {ZSTD_FEATURE!r} was not negotiated"
+                )
         if isinstance(message, WantDelta) and PREFIX_FEATURE not in self.features:
             raise _unexpected(f"WANT_DELTA but {PREFIX_FEATURE!r} was not negotiated")
         if isinstance(message, ChunkDelta) and PREFIX_FEATURE not in self.features:

@@ -31,6 +31,7 @@ from casproto import (
     Cancel,
     Chunk,
     ChunkDelta,
+    ChunkPack,
     Codec,
     Error,
     ErrorCode,
@@ -122,6 +123,7 @@ VECTORS: dict[str, Message] = {
         80, {"blobs": 1, "blobs_copied": 1, "seconds": 0.5}, (("release", DIGEST, "copied"),)
     ),
     "chunk_delta": ChunkDelta(30, ID_TWO, (ID_ONE,), b"\x28\xb5\x2f\xfd-delta"),
+    "chunk_pack_raw": ChunkPack(70001, Codec.RAW, (len(ONE), len(TWO)), ONE + TWO),
     "call": Call(100, "gc", {"dry_run": True, "grace_s": 3600}),
     "call_progress": CallProgress(100, {"chunks_scanned": 512}),
     "call_done": CallDone(

@@ -22,6 +22,7 @@ from casproto import (
     Cancel,
     Chunk,
     ChunkDelta,
+    ChunkPack,
     Codec,
     Connection,
     Error,
@@ -246,6 +247,24 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
         st.binary(min_size=32, max_size=32),
         st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=8).map(tuple),
         st.binary(max_size=64),
+    ),
+    ChunkPack: st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=6).flatmap(
+        lambda chunks: (
+            st.builds(
+                ChunkPack,
+                rids,
+                st.just(Codec.RAW),
+                st.just(tuple(map(len, chunks))),
+                st.just(b"".join(chunks)),
+            )
+            | st.builds(
+                ChunkPack,
+                rids,
+                st.just(Codec.ZSTD),
+                st.just(tuple(map(len, chunks))),
+                st.binary(max_size=64),
+            )
+        )
     ),
     CallProgress: st.builds(CallProgress, rids, st.dictionaries(texts, stat_values, max_size=6)),
     CallDone: st.builds(CallDone, rids, documents()),

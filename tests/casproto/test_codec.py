@@ -15,6 +15,7 @@ from casproto import (
     MESSAGE_CLASSES,
     BlobInfo,
     Chunk,
+    ChunkPack,
     Codec,
     ErrorCode,
     FrameDecoder,
@@ -280,6 +281,15 @@ def test_mutated_bodies_only_raise_protocol_errors(message: Message, data: st.Da
         (StatsResult(1, {"a": True}), ErrorCode.MALFORMED, r"StatsResult\.stats"),
         (Message(1), ErrorCode.MALFORMED, "not a protocol message"),
         (Stat(1, "x" * MAX_FRAME), ErrorCode.TOO_LARGE, "MAX_FRAME"),
+        (ChunkPack(1, Codec.RAW, (), b""), ErrorCode.INVALID, r"ChunkPack\.lengths"),
+        (ChunkPack(1, Codec.RAW, (0,), b""), ErrorCode.INVALID, r"ChunkPack\.lengths"),
+        (ChunkPack(1, Codec.RAW, (2, 1), b"ab"), ErrorCode.INVALID, r"ChunkPack\.data"),
+        (ChunkPack(1, Codec.ZSTD_PREFIX, (1,), b"a"), ErrorCode.INVALID, r"ChunkPack\.data"),
+        (
+            ChunkPack(1, Codec.ZSTD, (MAX_FRAME + 1,), b""),
+            ErrorCode.INVALID,
+            r"ChunkPack\.lengths",
+        ),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Message) else None,
 )

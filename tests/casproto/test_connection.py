@@ -18,6 +18,7 @@ from casproto import (
     BlobInfo,
     Cancel,
     Chunk,
+    ChunkPack,
     Codec,
     Connection,
     ConnState,
@@ -837,3 +838,51 @@ def test_zstd_prefix_answers_only_want_delta() -> None:
 def test_want_delta_needs_the_feature(pair: ConnectionPair) -> None:
     with pytest.raises(LocalProtocolError, match="zstd-prefix"):
         pair.client.send(WantDelta(5, (A,), ((B,),)))
+
+
+# --- chunk packs (SPEC §4.1) ---------------------------------------------------------
+
+
+def pack_pair(features: tuple[str, ...] = ("zstd", "chunk-packs")) -> ConnectionPair:
+    p = ConnectionPair()
+    p.handshake(features)
+    return p
+
+
+def test_a_pack_answers_as_many_ids_as_it_holds() -> None:
+    p = pack_pair()
+    p.exchange(p.client, Want(5, (A, B, C)))
+    p.exchange(p.server, ChunkPack(5, Codec.RAW, (1, 2), b"abb"))
+    assert set(p.client.open_requests) == set(p.server.open_requests) == {5}
+    p.exchange(p.server, Chunk(5, C, Codec.RAW, b"c"))
+    assert not p.client.open_requests
+    assert not p.server.open_requests
+
+
+def test_a_pack_may_end_a_want_and_answer_want_delta_too() -> None:
+    p = pack_pair(("zstd", "zstd-prefix", "chunk-packs"))
+    p.exchange(p.client, WantDelta(5, (A, B), ((C,), ())))
+    p.exchange(p.server, ChunkPack(5, Codec.ZSTD, (1, 1), b"(zstd of ab)"))
+    assert not p.client.open_requests
+
+
+def test_a_pack_longer_than_what_is_left_is_unexpected() -> None:
+    p = pack_pair()
+    p.exchange(p.client, Want(5, (A, B)))
+    p.exchange(p.server, Chunk(5, A, Codec.RAW, b"a"))
+    assert_forbidden(p, p.server, ChunkPack(5, Codec.RAW, (1, 1), b"bc"))
+
+
+def test_packs_need_the_feature(pair: ConnectionPair) -> None:
+    pair.exchange(pair.client, Want(5, (A, B)))
+    assert_forbidden(pair, pair.server, ChunkPack(5, Codec.RAW, (1, 1), b"ab"))
+
+
+def test_a_zstd_pack_needs_zstd() -> None:
+    p = pack_pair(("chunk-packs",))
+    p.exchange(p.client, Want(5, (A, B)))
+    assert_forbidden(p, p.server, ChunkPack(5, Codec.ZSTD, (1, 1), b"(zstd)"))
+
+
+def test_the_client_sends_no_packs_into_a_push(pushing: ConnectionPair) -> None:
+    assert_forbidden(pushing, pushing.client, ChunkPack(1, Codec.RAW, (1,), b"a"))

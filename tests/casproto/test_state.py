@@ -14,6 +14,7 @@ from casproto import (
     Cancel,
     Chunk,
     ChunkDelta,
+    ChunkPack,
     Codec,
     ConnState,
     Error,
@@ -57,7 +58,7 @@ from hypothesis import strategies as st
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
 CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync, Fsck, Call, ChunkDelta}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
-SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone, CallProgress, CallDone}
+SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone, CallProgress, CallDone, ChunkPack}
 BOTH_SEND = {Chunk, Error}
 
 
@@ -131,6 +132,7 @@ vocabulary: st.SearchStrategy[Message] = st.one_of(
     st.builds(Recipe, rids, st.just("d"), st.just(1), st.just((A,)), st.just((1,)), st.booleans()),
     st.builds(Want, rids, ids),
     st.builds(Chunk, rids, st.sampled_from([A, B]), codecs, st.just(b"")),
+    st.builds(ChunkPack, rids, codecs, st.sampled_from([(1,), (1, 1), (1, 1, 1)]), st.just(b"")),
     st.builds(PushBegin, rids, st.none()),
     st.builds(lambda rid, batch: PushRecipe(rid, batch, (1,) * len(batch)), rids, ids),
     st.builds(PushWant, rids, st.sampled_from([b"\x00", b"\x01", b"\x02", b"\x03"])),
@@ -156,7 +158,7 @@ def snapshot(value: object) -> object:
 
 @given(
     st.sampled_from(Role),
-    st.sampled_from([(), ("zstd",)]),
+    st.sampled_from([(), ("zstd",), ("zstd", "chunk-packs"), ("chunk-packs",)]),
     st.lists(st.tuples(st.sampled_from(Role), vocabulary), max_size=40),
 )
 def test_rejected_messages_leave_the_state_unchanged(
