@@ -408,6 +408,23 @@ class Client:
             nursery.start_soon(encode, 1, idx[half:])
         return parts[0] + parts[1]
 
+    def _relay_frames(self, rid: int, chunks: list[VerifiedChunk]) -> list[casproto.Chunk]:
+        # Worker thread. Chunks fetched for a relay go on zstd'd as they came where the other
+        # side speaks zstd; the others (packed, delta-decoded, or stored raw by the source)
+        # are compressed again when that saves bytes, as for any push.
+        frames = []
+        for c in chunks:
+            if c.codec == casproto.Codec.ZSTD and self.compress:
+                frames.append(casproto.Chunk(rid, c.id, c.codec, c.payload))
+                continue
+            frame = casproto.Chunk(rid, c.id, casproto.Codec.RAW, c.data)
+            if self.compress:
+                packed = zstd.compress(c.data, WIRE_LEVEL)
+                if len(packed) < len(c.data):
+                    frame = casproto.Chunk(rid, c.id, casproto.Codec.ZSTD, packed)
+            frames.append(frame)
+        return frames
+
     def _encode_chunks(
         self, rid: int, batch: _Batch, idx: list[int], index: _BaseIndex | None = None
     ) -> list[casproto.Chunk | casproto.ChunkDelta]:
@@ -520,13 +537,7 @@ class Client:
 
                 async def forward(chunks: list[VerifiedChunk]) -> None:
                     nonlocal sent_chunks, sent_bytes, raw_bytes
-                    frames = [
-                        casproto.Chunk(rid, c.id, c.codec, c.payload)
-                        if c.codec == casproto.Codec.RAW
-                        or (c.codec == casproto.Codec.ZSTD and self.compress)
-                        else casproto.Chunk(rid, c.id, casproto.Codec.RAW, c.data)
-                        for c in chunks
-                    ]
+                    frames = await trio.to_thread.run_sync(self._relay_frames, rid, chunks)
                     await self.peer.send_many(frames, within=rid)
                     sent_chunks += len(frames)
                     sent_bytes += sum(len(f.data) for f in frames)
