@@ -423,13 +423,18 @@ async def _copy_all(
         # not hold up storing what arrives. The queue bounds how far it may lag.
         to_hash, hash_queue = trio.open_memory_channel[dict[bytes, bytes]](HASH_LAG_BATCHES)
 
-        async def follow(hasher: _OrderedHasher = hasher, queue: Any = hash_queue) -> None:
+        async def follow(
+            hasher: _OrderedHasher = hasher,
+            queue: trio.MemoryReceiveChannel[dict[bytes, bytes]] = hash_queue,
+        ) -> None:
             async with queue:
                 async for fresh in queue:
                     await run(hasher.advance, fresh)
 
         async def keep(
-            chunks: list[VerifiedChunk], name: str = name, to_hash: Any = to_hash
+            chunks: list[VerifiedChunk],
+            name: str = name,
+            to_hash: trio.MemorySendChannel[dict[bytes, bytes]] = to_hash,
         ) -> None:
             await run(put, chunks)
             await to_hash.send({c.id: c.data for c in chunks})
