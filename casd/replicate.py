@@ -17,7 +17,9 @@ blob commits only after its sha256 checks out.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -220,6 +222,38 @@ def _missing(recipe: casproto.Recipe, have: list[bool]) -> list[tuple[bytes, int
 
 def _distinct(ids: tuple[bytes, ...]) -> list[bytes]:
     return list(dict.fromkeys(ids))
+
+
+class _BaseReader:
+    """The bytes of delta bases (chunks of the old version) from the store, for decoding
+    deltas. Neighbouring chunks list the same bases, so recently read ones are kept, up
+    to ``limit`` bytes. Thread-safe: the two threads that verify a batch share it."""
+
+    def __init__(self, store: Store, limit: int = 8 * 1024 * 1024) -> None:
+        self._store = store
+        self._limit = limit
+        self._held = 0
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get(self, cid: bytes) -> bytes:
+        with self._lock:
+            data = self._cache.get(cid)
+            if data is not None:
+                self._cache.move_to_end(cid)
+                return data
+        data = self._store.get_chunk(cid)  # outside the lock: decoding releases the GIL
+        with self._lock:
+            if cid not in self._cache:
+                self._cache[cid] = data
+                self._held += len(data)
+                while self._held > self._limit:
+                    _, old = self._cache.popitem(last=False)
+                    self._held -= len(old)
+        return data
+
+    def read(self, ids: tuple[bytes, ...]) -> bytes:
+        return b"".join(self._get(i) for i in ids)
 
 
 class _OrderedHasher:
@@ -450,8 +484,7 @@ async def _copy_all(
             old = await run(store.get_recipe, old_digest)
             bases = await run(choose_bases, recipe, need, old)
 
-        def read_base(ids: tuple[bytes, ...]) -> bytes:
-            return b"".join(store.get_chunk(i) for i in ids)
+        read_base = _BaseReader(store).read
 
         async with open_nursery() as nursery:
             nursery.start_soon(follow)

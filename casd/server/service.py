@@ -508,6 +508,9 @@ class Session:
         def read(start: int, end: int, delta: bool) -> tuple[Frames, int, float]:
             out: Frames = []
             run: list[tuple[casproto.Chunk, bytes]] = []  # small chunks to pack, decoded
+            # Neighbouring chunks list the same bases (the same region of the old version):
+            # each is read and decoded once per batch.
+            base_bytes: dict[bytes, bytes] = {}
             run_bytes = 0
             raw = 0
             encode_s = 0.0
@@ -521,7 +524,7 @@ class Session:
                     frame = casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload)
                 if delta and bases is not None and bases[k]:
                     t0 = time.perf_counter()
-                    frame = self._delta_or(frame, s, bases[k])
+                    frame = self._delta_or(frame, s, bases[k], base_bytes)
                     encode_s += time.perf_counter() - t0
                 packable = (
                     pack_ok
@@ -623,14 +626,22 @@ class Session:
         return [casproto.ChunkPack(rid, codec, tuple(len(d) for _, d in run), data)]
 
     def _delta_or(
-        self, frame: casproto.Chunk, stored: StoredChunk, bases: tuple[bytes, ...]
+        self,
+        frame: casproto.Chunk,
+        stored: StoredChunk,
+        bases: tuple[bytes, ...],
+        cache: dict[bytes, bytes],
     ) -> casproto.Chunk:
         # Worker thread. Encode the chunk against the client's bases when this store holds
-        # them all and the result is smaller than what would be sent anyway.
+        # them all and the result is smaller than what would be sent anyway. ``cache``
+        # holds base chunks already read for this batch.
         store = self.ctx.store
-        if not all(store.has_chunks(bases)):
+        todo = [b for b in bases if b not in cache]
+        if todo and not all(store.has_chunks(todo)):
             return frame
-        prefix = b"".join(store.get_chunk(b) for b in bases)
+        for b in todo:
+            cache[b] = store.get_chunk(b)
+        prefix = b"".join(cache[b] for b in bases)
         raw = decode_stored(stored.id, stored.codec, stored.payload, stored.raw_size)
         try:
             delta = zstd.compress_with_prefix(raw, prefix, DELTA_LEVEL)
