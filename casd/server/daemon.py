@@ -33,6 +33,15 @@ from casd.storage.disk import DiskStore
 
 log = logging.getLogger("casd")
 
+# How long a thread running Python keeps the GIL while another waits for it (CPython's
+# default is 5 ms). The daemon's worker threads make many short calls that release the
+# GIL (zstd, hashing, LMDB, deflate) and must take it back after each: with the default,
+# each such return can wait up to 5 ms behind the event loop or another worker. Measured
+# on the OCI benchmark's pyapp steps over 100 Mbit/s (sum of three steps, casd path):
+# 15.6 s at 5 ms, 14.5 s at 0.5 ms, 14.8 s at 1 ms, 15.6 s at 0.1 ms; delta decoding time
+# on the receiver halved at 0.5 ms.
+SWITCH_INTERVAL_S = 0.0005
+
 
 def default_data_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(
@@ -373,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         host, port = parse_hostport(args.listen)
         chunker = parse_chunker(args.chunker) if args.chunker else None
