@@ -190,6 +190,15 @@ class PushWant(Message):
     bitmap: bytes
 
 
+def _data_repr(data: object) -> str:
+    # Chunk data runs to hundreds of KiB: show its size, not its bytes. Never raise, even
+    # for a message built with wrong types (its repr ends up in error messages).
+    try:
+        return f"<{memoryview(data).nbytes} bytes>"  # type: ignore[arg-type]
+    except TypeError:
+        return repr(data)
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk(Message):
     """Chunk bytes: C→S within a push, S→C answering a WANT.
@@ -203,13 +212,8 @@ class Chunk(Message):
     data: bytes | bytearray | memoryview
 
     def __repr__(self) -> str:
-        # Chunks are up to 256 KiB: print their size, not their bytes. Never raise here,
-        # even for a Chunk built with wrong types (its repr ends up in error messages).
-        try:
-            data = f"<{memoryview(self.data).nbytes} bytes>"
-        except TypeError:
-            data = repr(self.data)
         ident = self.id.hex() if isinstance(self.id, bytes) else repr(self.id)
+        data = _data_repr(self.data)
         return f"Chunk(rid={self.rid!r}, id={ident}, codec={self.codec!r}, data={data})"
 
 
@@ -241,11 +245,8 @@ class ChunkPack(Message):
     data: bytes | bytearray | memoryview
 
     def __repr__(self) -> str:
-        try:
-            data = f"<{memoryview(self.data).nbytes} bytes>"
-        except TypeError:
-            data = repr(self.data)
         n = len(self.lengths) if isinstance(self.lengths, tuple) else self.lengths
+        data = _data_repr(self.data)
         return f"ChunkPack(rid={self.rid!r}, codec={self.codec!r}, chunks={n}, data={data})"
 
 

@@ -302,7 +302,7 @@ class Corpus:
         sizes = tuple(r.randint(0, 300_000) for _ in ids)
         stats = {"a": 1, "b": 2.5, "c": "x"}
         data = r.randbytes(r.randint(0, 2000))
-        pick = r.randrange(33)
+        pick = r.randrange(34)  # every message but the last, a fatal ERROR
         msgs: list[Callable[[], casproto.Message]] = [
             lambda: casproto.Hello(0, 1, FEATURES, r.choice([None, "tok"]), AGENT),
             lambda: casproto.Welcome(0, 1, ("zstd",), "casd/x", {"algo": "x", "min": 1}, 1 << 20),
@@ -336,7 +336,13 @@ class Corpus:
             lambda: casproto.SyncDone(rid, stats, (("a", self.digest(), "copied"),)),
             lambda: casproto.Fsck(rid, False, None, None),
             lambda: casproto.FsckDone(rid, stats, ids),
-            lambda: casproto.Error(0, ErrorCode.BUSY, "go away"),
+            lambda: casproto.ChunkPack(
+                rid,
+                r.choice([casproto.Codec.RAW, casproto.Codec.ZSTD]),
+                (len(data) + 1,),
+                data + b"x",
+            ),
+            lambda: casproto.Error(0, ErrorCode.BUSY, "go away"),  # never picked: see pick
         ]
         return msgs[pick]()
 
@@ -849,6 +855,7 @@ def _server_message(fz: Fuzzer, c: Conn) -> bytes:
                 casproto.SyncProgress,
                 casproto.SyncDone,
                 casproto.FsckDone,
+                casproto.ChunkPack,
             ),
         ) or (isinstance(m, casproto.Error) and m.rid != 0 and r.random() < 0.5):
             return _raw(m)
