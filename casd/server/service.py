@@ -507,7 +507,7 @@ class Session:
 
         def read(start: int, end: int, delta: bool) -> tuple[Frames, int, float]:
             out: Frames = []
-            run: list[tuple[casproto.Chunk, bytes]] = []  # small chunks to pack, decoded
+            run: list[tuple[casproto.Chunk, StoredChunk]] = []  # small chunks to pack
             # Neighbouring chunks list the same bases (the same region of the old version):
             # each is read and decoded once per batch.
             base_bytes: dict[bytes, bytes] = {}
@@ -535,8 +535,7 @@ class Session:
                     out.extend(self._pack(ev.rid, run, zstd_ok))
                     run, run_bytes = [], 0
                 if packable:
-                    data = decode_stored(cid, s.codec, s.payload, s.raw_size)
-                    run.append((frame, data))
+                    run.append((frame, s))
                     run_bytes += s.raw_size
                 else:
                     out.append(frame)
@@ -610,12 +609,13 @@ class Session:
             await self._wants.done(ticket)
 
     def _pack(
-        self, rid: int, run: list[tuple[casproto.Chunk, bytes]], zstd_ok: bool
+        self, rid: int, run: list[tuple[casproto.Chunk, StoredChunk]], zstd_ok: bool
     ) -> list[casproto.Chunk | casproto.ChunkPack]:
-        # Worker thread. A run of small chunks as one CHUNK_PACK; a run of one stays as is.
+        # Worker thread. A run of small chunks as one CHUNK_PACK; a run of one stays as it
+        # is, so only chunks that are packed get decoded.
         if len(run) < 2:
             return [frame for frame, _ in run]
-        data = b"".join(d for _, d in run)
+        data = b"".join(decode_stored(s.id, s.codec, s.payload, s.raw_size) for _, s in run)
         codec = casproto.Codec.RAW
         if zstd_ok:
             packed = zstd.compress(data, PACK_LEVEL)
@@ -623,7 +623,7 @@ class Session:
                 codec, data = casproto.Codec.ZSTD, packed
         self.ctx.stats.packs_sent += 1
         self.ctx.stats.packed_chunks_sent += len(run)
-        return [casproto.ChunkPack(rid, codec, tuple(len(d) for _, d in run), data)]
+        return [casproto.ChunkPack(rid, codec, tuple(s.raw_size for _, s in run), data)]
 
     def _delta_or(
         self,
