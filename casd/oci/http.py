@@ -145,7 +145,7 @@ class OciStats:
     requests: int = 0  # complete request heads received
     errors: int = 0  # responses with status >= 400
     aborted: int = 0  # connections dropped: bad protocol, timeouts, failed sources
-    bytes_sent: int = 0  # everything written to sockets (heads and bodies)
+    bytes_sent: int = 0  # everything handed to sockets (heads and bodies)
     body_bytes: int = 0  # manifest and blob body bytes among them
     by_status: dict[int, int] = field(default_factory=dict)
 
@@ -557,11 +557,11 @@ class _Connection:
         for piece in pieces:
             if not piece:
                 continue
+            self.stats.bytes_sent += len(piece)  # handed to the socket, as body_bytes
             with trio.move_on_after(self.limits.send_timeout) as scope:
                 await self.stream.send_all(piece)
             if scope.cancelled_caught:
                 raise _Abort(f"client read nothing for {self.limits.send_timeout:.0f}s")
-            self.stats.bytes_sent += len(piece)
 
     async def _send_head(self, resp: _Response) -> None:
         self.stats.by_status[resp.status] = self.stats.by_status.get(resp.status, 0) + 1
@@ -580,8 +580,10 @@ class _Connection:
         if resp.blob is None or head_only:
             await self._send_head(resp)
             if resp.body and not head_only:
-                await self._send(h11.Data(data=resp.body))
+                # Counted as handed to the socket: a client that has read the body must
+                # find it in the stats (the send returns after the bytes may have arrived).
                 self.stats.body_bytes += len(resp.body)
+                await self._send(h11.Data(data=resp.body))
             await self._send(h11.EndOfMessage())
             return
         blob = resp.blob
@@ -608,8 +610,8 @@ class _Connection:
                 if sent > want:
                     raise _Abort(f"source gave more than the {want} bytes of {blob.digest}")
                 # h11 passes the piece through untouched; a memoryview needs no copy.
-                await self._send(h11.Data(data=cast(bytes, piece)))
                 self.stats.body_bytes += len(piece)
+                await self._send(h11.Data(data=cast(bytes, piece)))
             if sent != want:
                 raise _Abort(f"source gave {sent} of the {want} bytes of {blob.digest}")
         await self._send(h11.EndOfMessage())
