@@ -1,60 +1,107 @@
 """Choosing, batch by batch, whether delta-encoding pays.
 
-A delta (SPEC §4.3) saves link time and spends encoding time. Which wins depends on the
-link, the data and the CPU, so the sender measures instead of guessing: it serves each
-batch of a WANT_DELTA either delta-encoded or as stored, times how fast each kind
-delivers chunk bytes (raw bytes per second of the interval between two batches leaving,
-which in a steady stream is the slower of producing and sending), and keeps to the
-faster kind, trying the other now and then in case the link or the data changed.
+A delta (SPEC §4.3) spends CPU at both ends to save bytes on the link. It pays only where
+the link is what holds the transfer back, and there only when the link time a byte saves
+is more than the CPU it costs:
 
-On a slow link deltas deliver many raw bytes per wire byte and win; on a fast link where
-encoding is slower than sending, sending chunks as stored wins, and the chooser settles
-on it after two batches. Not thread-safe: one per connection, used from the event loop.
+    saved bytes / link rate  >  encode CPU + the receiver's decode CPU
+
+The sender measures each side of that inequality instead of guessing:
+
+- the bytes a delta batch saved and the CPU seconds its encoding took (thread CPU time,
+  so waiting for the GIL or for a busy core does not count), per raw byte, as running
+  averages over the delta batches served;
+- the link: the kernel's own estimate of the connection's delivery rate (TCP_INFO, see
+  :mod:`casd.tcpinfo`), and whether the sender was keeping the link busy when it was
+  taken. A sample the kernel marks application-limited means the link was waiting for
+  us, not the other way round: then sending is not the bottleneck, nothing a delta saves
+  on the wire shortens the transfer, and its CPU only lengthens it.
+
+The receiver's decode time is not seen from here; it is counted as ``DECODE_SHARE`` of
+the encode time (decoding against a prefix does not index it, and measured 0.3-0.5x
+the encode time across the benchmark corpus).
+
+Before anything is measured the first batch is served as deltas (the only way to learn
+what they save), and while plain chunks are chosen one batch in ``explore_every`` goes
+as deltas, so a change of data or link is noticed. Where no link figure exists at all (a
+stream that is not TCP), deltas are served, as the receiver asked for them.
+Not thread-safe: one per connection, used from the event loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: The receiver's decode CPU, as a share of the sender's encode CPU.
+DECODE_SHARE = 0.5
+
 
 @dataclass
 class DeltaChooser:
-    #: Every this-many batches, serve one the other way to keep its estimate fresh.
-    explore_every: int = 8
-    #: Weight of the newest measurement in each kind's running estimate.
-    alpha: float = 0.4
-    #: Raw bytes per second, per kind (True: delta), once measured.
-    goodput: dict[bool, float] = field(default_factory=dict)
+    #: While plain chunks win, one batch in this many goes as deltas to re-measure.
+    explore_every: int = 16
+    #: Weight of the newest measurement in each running average.
+    alpha: float = 0.3
+    #: Bytes a delta saved on the wire, per raw byte of the chunks it encoded.
+    saved_per_raw: float | None = None
+    #: CPU seconds encoding took, per raw byte.
+    cpu_per_raw: float | None = None
+    #: The link's delivery rate in bytes per second, from samples taken while the
+    #: sender kept it busy; ``app_limited``: the latest sample found it waiting for us.
+    link_rate: float | None = None
+    app_limited: bool = False
+    link_known: bool = False
     batches: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
-    _tried: set[bool] = field(default_factory=set)
     _since_explore: int = 0
 
     def choose(self) -> bool:
         """Whether the next batch should be delta-encoded."""
-        for kind in (True, False):  # serve each kind once, deltas first
-            if kind not in self._tried:
-                self._tried.add(kind)
-                return kind
-        best = self._best()
+        if self.saved_per_raw is None:  # nothing measured yet: only a delta batch tells
+            return True
+        if self.pays():
+            self._since_explore = 0
+            return True
         self._since_explore += 1
         if self._since_explore >= self.explore_every:
             self._since_explore = 0
-            return not best
-        return best
-
-    def record(self, delta: bool, raw_bytes: int, seconds: float) -> None:
-        """A batch of ``raw_bytes`` chunk bytes took ``seconds`` to go out."""
-        self.batches[delta] += 1
-        if raw_bytes <= 0:
-            return
-        rate = raw_bytes / max(seconds, 1e-6)
-        old = self.goodput.get(delta)
-        self.goodput[delta] = rate if old is None else old + self.alpha * (rate - old)
-
-    def _best(self) -> bool:
-        d, p = self.goodput.get(True), self.goodput.get(False)
-        if d is None:
-            return p is None
-        if p is None:
             return True
-        return d >= p
+        return False
+
+    def pays(self) -> bool:
+        """Whether, on what was measured so far, a delta saves more time than it costs."""
+        if not self.link_known:
+            return True
+        if self.app_limited or not self.link_rate:
+            return False
+        assert self.saved_per_raw is not None
+        assert self.cpu_per_raw is not None
+        return self.saved_per_raw / self.link_rate > self.cpu_per_raw * (1 + DECODE_SHARE)
+
+    def record(self, delta: bool, raw_bytes: int, saved_bytes: int = 0, cpu_s: float = 0.0) -> None:
+        """A batch of ``raw_bytes`` chunk bytes went out; as deltas, it saved
+        ``saved_bytes`` on the wire for ``cpu_s`` seconds of encoding."""
+        self.batches[delta] += 1
+        if not delta or raw_bytes <= 0:
+            return
+        saved, cpu = max(saved_bytes, 0) / raw_bytes, max(cpu_s, 0.0) / raw_bytes
+        if self.saved_per_raw is None or self.cpu_per_raw is None:
+            self.saved_per_raw, self.cpu_per_raw = saved, cpu
+        else:
+            self.saved_per_raw += self.alpha * (saved - self.saved_per_raw)
+            self.cpu_per_raw += self.alpha * (cpu - self.cpu_per_raw)
+
+    def observe_link(self, rate: float, app_limited: bool) -> None:
+        """The kernel's latest delivery-rate sample for this connection (bytes/s)."""
+        self.link_known = True
+        self.app_limited = app_limited
+        if not app_limited and rate > 0:
+            old = self.link_rate
+            self.link_rate = rate if old is None else old + self.alpha * (rate - old)
+
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        return {
+            "saved_per_raw": self.saved_per_raw,
+            "cpu_ns_per_raw": None if self.cpu_per_raw is None else self.cpu_per_raw * 1e9,
+            "link_mbit": None if self.link_rate is None else self.link_rate * 8 / 1e6,
+            "app_limited": self.app_limited,
+        }

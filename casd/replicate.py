@@ -256,6 +256,10 @@ class _BaseReader:
         return b"".join(self._get(i) for i in ids)
 
 
+#: The blob hash reads the chunks held before in stretches of about this many bytes.
+HASH_READ_BYTES = 4 * 1024 * 1024
+
+
 class _OrderedHasher:
     """sha256 of a blob fed as its chunks become available, in recipe order.
 
@@ -283,18 +287,24 @@ class _OrderedHasher:
         self._available.update(fresh)
         ids, sizes = self._recipe.ids, self._recipe.sizes
         while self._pos < len(ids) and ids[self._pos] in self._available:
-            cid = ids[self._pos]
-            data = fresh.get(cid)
-            if data is None:
-                data = self._store.get_chunk(cid)
-            if len(data) != sizes[self._pos]:
-                raise DigestMismatch(
-                    self._recipe.digest, f"a chunk of {len(data)} bytes at entry {self._pos}"
-                )
-            self._sha.update(data)
-            if self._tee is not None:
-                self._tee(bytes(data))
-            self._pos += 1
+            # The next stretch that can be hashed, its held chunks read in one go.
+            start, end, nbytes = self._pos, self._pos, 0
+            while end < len(ids) and ids[end] in self._available and nbytes < HASH_READ_BYTES:
+                nbytes += sizes[end]
+                end += 1
+            held = iter(self._store.get_chunks([c for c in ids[start:end] if c not in fresh]))
+            for k in range(start, end):
+                data = fresh.get(ids[k])
+                if data is None:
+                    data = next(held)
+                if len(data) != sizes[k]:
+                    raise DigestMismatch(
+                        self._recipe.digest, f"a chunk of {len(data)} bytes at entry {k}"
+                    )
+                self._sha.update(data)
+                if self._tee is not None:
+                    self._tee(data)
+                self._pos = k + 1
 
     def finish(self) -> str:
         self.advance({})

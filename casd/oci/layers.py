@@ -115,7 +115,7 @@ class LayerRecord:
 
 def read_blob(store: Store, digest: str) -> bytes:
     recipe = store.get_recipe(digest)
-    return b"".join(store.get_chunk(i) for i in recipe.ids)
+    return b"".join(store.get_chunks(recipe.ids))
 
 
 def read_small(store: Store, digest: str) -> bytes | None:
@@ -126,7 +126,7 @@ def read_small(store: Store, digest: str) -> bytes | None:
         return None
     if recipe.size > media.MAX_MANIFEST_SIZE:
         return None
-    return b"".join(store.get_chunk(i) for i in recipe.ids)
+    return b"".join(store.get_chunks(recipe.ids))
 
 
 def resolve_name(store: Store, name: str) -> str | None:
@@ -137,17 +137,33 @@ def resolve_name(store: Store, name: str) -> str | None:
 
 
 def iter_blob(store: Store, digest: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-    """The bytes [start, end) of a committed blob, chunk by chunk (each verified)."""
+    """The bytes [start, end) of a committed blob, chunk by chunk (each verified), read
+    from the store a few MiB at a time."""
     recipe = store.get_recipe(digest)
     end = recipe.size if end is None else min(end, recipe.size)
     pos = 0
+    group: list[tuple[bytes, int]] = []  # (id, offset in the blob)
+    group_bytes = 0
     for cid, size in zip(recipe.ids, recipe.sizes, strict=True):
-        if pos + size > start and pos < end:
-            data = store.get_chunk(cid)
-            yield data[max(0, start - pos) : min(size, end - pos)]
-        pos += size
         if pos >= end:
-            return
+            break
+        if pos + size > start:
+            group.append((cid, pos))
+            group_bytes += size
+            if group_bytes >= READ_GROUP_BYTES:
+                yield from _cut(store, group, start, end)
+                group, group_bytes = [], 0
+        pos += size
+    yield from _cut(store, group, start, end)
+
+
+#: iter_blob reads chunks from the store in groups of about this many bytes.
+READ_GROUP_BYTES = 4 * 1024 * 1024
+
+
+def _cut(store: Store, group: list[tuple[bytes, int]], start: int, end: int) -> Iterator[bytes]:
+    for (_, pos), data in zip(group, store.get_chunks([cid for cid, _ in group]), strict=True):
+        yield data[max(0, start - pos) : min(len(data), end - pos)]
 
 
 def read_record(store: Store, digest: str) -> LayerRecord | None:
@@ -291,9 +307,14 @@ def encode_layer(store: Store, record: LayerRecord) -> Iterator[bytes]:
     in pieces; memory is bounded by a piece plus zlib's window. Does not verify: callers
     hash what they hand on (see :func:`verified_encoding`)."""
     enc = make_encoder(record.encoding, record.digest)
+    direct = getattr(enc, "buffers_input", False)  # no need to gather pieces for it
     pending: list[bytes] = []
     held = 0
     for data in iter_blob(store, record.uncompressed):
+        if direct:
+            if out := enc.update(data):
+                yield out
+            continue
         pending.append(data)
         held += len(data)
         if held >= PIECE:

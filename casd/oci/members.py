@@ -98,9 +98,15 @@ class MembersEncoder:
     and the compression overlap, on different cores. Not thread-safe.
     """
 
+    #: Takes input in pieces of any size without cost: callers need not gather it first.
+    buffers_input = True
+
     def __init__(self, params: MembersParams) -> None:
         self.params = params
-        self._buf = bytearray()
+        # Input not yet in a segment, as the pieces it came in: a segment is joined from
+        # them once (the only copy of the input made here, and it holds the GIL).
+        self._pieces: list[bytes | memoryview] = []
+        self._held = 0
         self._inflight: deque[Future[bytes]] = deque()
         self._emitted = False
         self._finished = False
@@ -117,20 +123,21 @@ class MembersEncoder:
         return b"".join(out)
 
     def update(self, data: bytes | bytearray | memoryview) -> bytes:
-        """Compress more input; returns the members completed so far (may be empty)."""
+        """Compress more input; returns the members completed so far (may be empty).
+        ``data`` must not change afterwards (it is kept until its segment is whole)."""
         if self._finished:
             raise ValueError("update() after finish()")
-        self._buf += data
         seg = self.params.segment
-        whole = len(self._buf) // seg
-        if whole:
-            view = memoryview(self._buf)
-            try:
-                for i in range(whole):
-                    self._submit(bytes(view[i * seg : (i + 1) * seg]))
-            finally:
-                view.release()
-            del self._buf[: whole * seg]
+        view = memoryview(data).cast("B")
+        while self._held + len(view) >= seg:
+            take = seg - self._held
+            self._pieces.append(view[:take])
+            self._submit(b"".join(self._pieces))
+            self._pieces, self._held = [], 0
+            view = view[take:]
+        if view:
+            self._pieces.append(view)
+            self._held += len(view)
         return self._ready(keep=_IN_FLIGHT)
 
     def finish(self) -> bytes:
@@ -138,7 +145,7 @@ class MembersEncoder:
         if self._finished:
             raise ValueError("finish() called twice")
         self._finished = True
-        if self._buf or not self._emitted:
-            self._submit(bytes(self._buf))
-            self._buf.clear()
+        if self._held or not self._emitted:
+            self._submit(b"".join(self._pieces))
+            self._pieces, self._held = [], 0
         return self._ready(keep=0)

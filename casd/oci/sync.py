@@ -331,6 +331,9 @@ class _Reencoder:
 
     def feed(self, data: bytes) -> None:
         self.fed = True
+        if getattr(self._enc, "buffers_input", False):
+            self._out(self._enc.update(data))
+            return
         self._held.append(data)
         self._held_bytes += len(data)
         if self._held_bytes >= PIECE:  # zlib on large pieces: fewer calls, GIL released

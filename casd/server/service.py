@@ -50,6 +50,7 @@ from casd.replicate import Throttle, resolve_names, source_delta_stats
 from casd.server import ops
 from casd.storage._encode import decode_stored
 from casd.storage.interface import ChunkIn, Store, StoredChunk
+from casd.tcpinfo import delivery
 
 log = logging.getLogger("casd.server")
 
@@ -243,7 +244,6 @@ class Session:
         self._requests: dict[int, _Request] = {}
         self._wants = _Turnstile()
         self._delta = DeltaChooser()
-        self._last_sent = -math.inf  # when the last batch of chunks went out
 
     async def run(self) -> None:
         try:
@@ -505,7 +505,7 @@ class Session:
         bases = ev.bases if isinstance(ev, casproto.WantDelta) else None
         Frames = list[casproto.Chunk | casproto.ChunkPack]
 
-        def read(start: int, end: int, delta: bool) -> tuple[Frames, int, float]:
+        def read(start: int, end: int, delta: bool) -> tuple[Frames, int, float, float, int]:
             out: Frames = []
             run: list[tuple[casproto.Chunk, StoredChunk]] = []  # small chunks to pack
             # Neighbouring chunks list the same bases (the same region of the old version):
@@ -513,7 +513,8 @@ class Session:
             base_bytes: dict[bytes, bytes] = {}
             run_bytes = 0
             raw = 0
-            encode_s = 0.0
+            encode_s = cpu_s = 0.0
+            saved = 0
             for k in range(start, end):
                 cid = ev.ids[k]
                 s = store.get_stored(cid)
@@ -523,9 +524,12 @@ class Session:
                 else:
                     frame = casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload)
                 if delta and bases is not None and bases[k]:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    plain = len(frame.data)
                     frame = self._delta_or(frame, s, bases[k], base_bytes)
                     encode_s += time.perf_counter() - t0
+                    cpu_s += time.thread_time() - c0
+                    saved += plain - len(frame.data)
                 packable = (
                     pack_ok
                     and s.raw_size <= PACK_MAX_CHUNK
@@ -540,15 +544,17 @@ class Session:
                 else:
                     out.append(frame)
             out.extend(self._pack(ev.rid, run, zstd_ok))
-            return out, raw, encode_s
+            return out, raw, encode_s, cpu_s, saved
 
-        async def read_batch(start: int, end: int, delta: bool) -> tuple[Frames, int]:
+        async def read_batch(start: int, end: int, delta: bool) -> tuple[Frames, int, float, int]:
+            # The batch's frames and raw size; as deltas, the CPU seconds they cost and the
+            # bytes they saved (what the delta choice weighs).
             if not delta or end - start < 8:
-                frames, raw, encode_s = await self.ctx.run(read, start, end, delta)
+                frames, raw, encode_s, cpu_s, saved = await self.ctx.run(read, start, end, delta)
             else:
                 # zstd releases the GIL: two threads encode the two halves of a batch.
                 mid = (start + end) // 2
-                parts: list[tuple[Frames, int, float]] = [([], 0, 0.0)] * 2
+                parts: list[tuple[Frames, int, float, float, int]] = [([], 0, 0.0, 0.0, 0)] * 2
 
                 failed: list[CasdError] = []
 
@@ -563,14 +569,13 @@ class Session:
                     halves.start_soon(half, 1, mid, end)
                 if failed:
                     raise failed[0]
-                frames = parts[0][0] + parts[1][0]
-                raw = parts[0][1] + parts[1][1]
-                encode_s = parts[0][2] + parts[1][2]
+                (f0, r0, e0, c0, s0), (f1, r1, e1, c1, s1) = parts
+                frames, raw, encode_s, cpu_s, saved = f0 + f1, r0 + r1, e0 + e1, c0 + c1, s0 + s1
             self.ctx.stats.delta_encode_s += encode_s
-            return frames, raw
+            return frames, raw, cpu_s, saved
 
         # A reader task stays one batch ahead of the sender: disk and network overlap.
-        send, recv = trio.open_memory_channel[tuple[Frames, int, bool | None, float]](1)
+        send, recv = trio.open_memory_channel[tuple[Frames, int, bool | None, float, int]](1)
 
         async def produce() -> None:
             # Only the WANTs next in line read ahead: a client with a thousand WANTs open
@@ -582,29 +587,28 @@ class Session:
                     offered = bases is not None and any(bases[i:end])
                     # Whether deltas pay is measured, not assumed (casd.deltachoice).
                     delta = offered and self._delta.choose()
-                    started = trio.current_time()
-                    frames, raw = await read_batch(i, end, delta)
-                    await send.send((frames, raw, delta if offered else None, started))
+                    frames, raw, cpu_s, saved = await read_batch(i, end, delta)
+                    await send.send((frames, raw, delta if offered else None, cpu_s, saved))
 
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(produce)
                 await self._wants.wait(ticket)  # reads start now; sending waits its turn
                 async with recv:
-                    async for frames, raw, kind, started in recv:
+                    async for frames, raw, kind, cpu_s, saved in recv:
                         await self.peer.send_many(frames)
                         self.ctx.stats.chunks_sent += sum(
                             len(f.lengths) if isinstance(f, casproto.ChunkPack) else 1
                             for f in frames
                         )
-                        now = trio.current_time()
                         if kind is not None:
-                            self._delta.record(kind, raw, now - max(started, self._last_sent))
+                            self._delta.record(kind, raw, saved, cpu_s)
+                            if (link := delivery(self.peer.stream)) is not None:
+                                self._delta.observe_link(link.rate, link.app_limited)
                             if kind:
                                 self.ctx.stats.delta_batches += 1
                             else:
                                 self.ctx.stats.plain_batches += 1
-                        self._last_sent = now
         finally:
             await self._wants.done(ticket)
 

@@ -46,7 +46,9 @@ def encode_for_store(chunk: ChunkIn, *, verify: bool, level: int) -> tuple[Codec
     return Codec.RAW, bytes(data)
 
 
-def decode_stored(chunk_id_: bytes, codec: int, payload: bytes, raw_size: int) -> bytes:
+def decode_stored(
+    chunk_id_: bytes, codec: int, payload: bytes | memoryview, raw_size: int
+) -> bytes:
     """The chunk's bytes from its stored form.
 
     Raises:
@@ -55,7 +57,7 @@ def decode_stored(chunk_id_: bytes, codec: int, payload: bytes, raw_size: int) -
     if codec == Codec.RAW:
         if len(payload) != raw_size:
             raise ChunkCorrupt(chunk_id_, f"stored {len(payload)} bytes, expected {raw_size}")
-        return payload
+        return bytes(payload)  # no copy when it already is bytes
     if codec == Codec.ZSTD:
         try:
             return zstd.decompress_bounded(payload, raw_size)

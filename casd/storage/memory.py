@@ -65,6 +65,9 @@ class MemoryStore:
         s = self.get_stored(chunk_id)
         return decode_stored(chunk_id, s.codec, s.payload, s.raw_size)
 
+    def get_chunks(self, ids: Sequence[bytes]) -> list[bytes]:
+        return [self.get_chunk(i) for i in ids]
+
     def put_chunks(self, chunks: Sequence[ChunkIn], *, verify: bool = True) -> PutResult:
         prepared: dict[bytes, StoredChunk] = {}
         for c in chunks:

@@ -126,6 +126,16 @@ class StoreConformance:
             for c in chunks:
                 assert store.get_chunk(c.id) == c.data
             assert store.stats().chunks == len({c.id for c in chunks})
+            # Many at once, in any order and with repeats, as one by one.
+            ids = [c.id for c in chunks] + [c.id for c in reversed(chunks)]
+            assert store.get_chunks(ids) == [store.get_chunk(i) for i in ids]
+
+    def test_get_chunks_of_an_unknown_chunk_is_missing(self, store: Store) -> None:
+        c = make_chunk(b"known" * 100)
+        store.put_chunks([c])
+        with pytest.raises(ChunkMissing) as info:
+            store.get_chunks([c.id, b"\x01" * 32, c.id])
+        assert info.value.chunk_id == b"\x01" * 32
 
     # blobs -------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """Delta transfers (SPEC §4.3, issue #7): a chunk travels encoded against chunks the
 receiver holds; a missing, wrong or corrupted base never breaks a transfer and never gets
 an unverified byte stored; bases stay bounded whatever the size of the old version; and
-the sender keeps to deltas only while they deliver bytes faster."""
+the sender serves deltas only where the link time they save exceeds the CPU they cost."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -12,6 +13,8 @@ from typing import Any
 
 import casproto
 import pytest
+import trio
+import trio.testing
 
 from casd.chunking import Chunker, format_digest
 from casd.deltachoice import DeltaChooser
@@ -19,6 +22,7 @@ from casd.errors import ChunkCorrupt, ChunkMissing, PeerRefused
 from casd.replicate import sync_into_store
 from casd.storage.memory import MemoryStore
 from casd.storage.testing import read_blob
+from casd.tcpinfo import delivery
 from tests.casd.server.test_service import client_for
 
 
@@ -165,33 +169,97 @@ async def test_bases_stay_bounded_whatever_the_size_of_the_old_version() -> None
 # --- the choice ------------------------------------------------------------------------
 
 
-def simulate(chooser: DeltaChooser, delta_rate: float, plain_rate: float, n: int) -> list[bool]:
+MB = 1_000_000
+
+
+def simulate(
+    chooser: DeltaChooser,
+    *,
+    link_rate: float | None,
+    saved_per_raw: float,
+    cpu_per_raw: float,
+    app_limited: bool = False,
+    n: int = 40,
+) -> list[bool]:
+    """Batches of 1 MB: deltas save ``saved_per_raw`` of each raw byte on the wire for
+    ``cpu_per_raw`` CPU seconds; the kernel reports ``link_rate`` (None: not TCP)."""
     kinds = []
     for _ in range(n):
         kind = chooser.choose()
         kinds.append(kind)
-        chooser.record(kind, 1_000_000, 1_000_000 / (delta_rate if kind else plain_rate))
+        if kind:
+            chooser.record(True, MB, int(saved_per_raw * MB), cpu_per_raw * MB)
+        else:
+            chooser.record(False, MB)
+        if link_rate is not None:
+            chooser.observe_link(link_rate, app_limited)
     return kinds
 
 
-def test_on_a_fast_link_where_encoding_is_slower_than_sending_deltas_stop() -> None:
-    # Encoding delivers 40 MB/s of chunks; sending them as stored, 110 MB/s.
-    kinds = simulate(DeltaChooser(), delta_rate=40e6, plain_rate=110e6, n=40)
-    assert kinds[:2] == [True, False]  # each kind is measured once
-    assert kinds[2:].count(True) <= len(kinds[2:]) // 8 + 1  # then only exploration
+def test_the_first_batch_goes_as_deltas_to_measure_what_they_save() -> None:
+    assert DeltaChooser().choose() is True
+
+
+def test_on_a_fast_link_where_encoding_costs_more_than_sending_deltas_stop() -> None:
+    # 1 Gbit/s: a delta saves 0.3 B per raw byte, 2.4 ns of link; it costs 30 ns of CPU.
+    kinds = simulate(DeltaChooser(), link_rate=125 * MB, saved_per_raw=0.3, cpu_per_raw=30e-9)
+    assert kinds[0] is True
+    assert kinds[1:].count(True) <= len(kinds[1:]) // 16 + 1  # only re-measuring
 
 
 def test_on_a_slow_link_deltas_win() -> None:
-    # 12 MB/s of wire: plain chunks deliver 12 MB/s, deltas (10x smaller) 60 MB/s of chunks.
-    kinds = simulate(DeltaChooser(), delta_rate=60e6, plain_rate=12e6, n=40)
-    assert kinds[2:].count(False) <= len(kinds[2:]) // 8 + 1
+    # 20 Mbit/s: the same delta saves 120 ns of link per raw byte for 30 ns of CPU.
+    kinds = simulate(DeltaChooser(), link_rate=2.5 * MB, saved_per_raw=0.3, cpu_per_raw=30e-9)
+    assert all(kinds)
+
+
+def test_the_receivers_decode_is_counted_too() -> None:
+    # Encoding alone (30 ns) is under the 36 ns of link a byte saves; with the receiver's
+    # decode (half as much again) it is not.
+    c = DeltaChooser()
+    simulate(c, link_rate=0.3 / 36e-9, saved_per_raw=0.3, cpu_per_raw=30e-9, n=4)
+    assert not c.pays()
+
+
+def test_when_the_link_waits_for_the_sender_deltas_only_slow_it_down() -> None:
+    # The kernel marks its samples application-limited: the link is not the bottleneck.
+    kinds = simulate(
+        DeltaChooser(), link_rate=2.5 * MB, saved_per_raw=0.9, cpu_per_raw=1e-9, app_limited=True
+    )
+    assert kinds[1:].count(True) <= len(kinds[1:]) // 16 + 1
+
+
+def test_without_a_tcp_link_to_measure_deltas_are_served_as_asked() -> None:
+    assert all(simulate(DeltaChooser(), link_rate=None, saved_per_raw=0.3, cpu_per_raw=1e-6))
 
 
 def test_the_choice_follows_a_change_of_conditions() -> None:
     chooser = DeltaChooser()
-    simulate(chooser, delta_rate=60e6, plain_rate=12e6, n=20)
-    later = simulate(chooser, delta_rate=40e6, plain_rate=110e6, n=60)
-    assert later[-16:].count(False) >= 14
+    assert all(simulate(chooser, link_rate=2.5 * MB, saved_per_raw=0.3, cpu_per_raw=30e-9))
+    later = simulate(chooser, link_rate=125 * MB, saved_per_raw=0.3, cpu_per_raw=30e-9, n=60)
+    assert later[-32:].count(False) >= 30
+    again = simulate(chooser, link_rate=2.5 * MB, saved_per_raw=0.3, cpu_per_raw=30e-9, n=60)
+    assert all(again[-20:])
+
+
+async def test_the_kernel_reports_a_delivery_rate_for_a_tcp_stream() -> None:
+    async def drain(stream: trio.SocketStream) -> None:
+        while await stream.receive_some(1 << 20):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, drain, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        for _ in range(20):
+            await stream.send_all(b"x" * (1 << 20))
+        got = delivery(stream)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert got is not None
+    assert got.rate > 0
+    assert delivery(trio.testing.memory_stream_pair()[0]) is None
 
 
 # --- pushes (CHUNK_DELTA, SPEC §5.1) ---------------------------------------------------

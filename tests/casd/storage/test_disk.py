@@ -55,6 +55,23 @@ def test_a_flipped_byte_in_a_pack_fails_the_read(tmp_path: Path) -> None:
             store.get_stored(c.id)
 
 
+def test_a_flipped_byte_fails_a_read_of_many_and_names_the_chunk(tmp_path: Path) -> None:
+    chunks = [make_chunk(os.urandom(40_000)) for _ in range(5)]
+    with DiskStore(tmp_path / "s") as store:
+        store.put_chunks(chunks)
+        ids = [c.id for c in chunks]
+        assert store.get_chunks(ids) == [c.data for c in chunks]  # one read for all five
+    (pack,) = (tmp_path / "s" / "packs").iterdir()
+    raw = bytearray(pack.read_bytes())
+    raw[-1000] ^= 0x40  # inside the last record
+    pack.write_bytes(bytes(raw))
+    with DiskStore(tmp_path / "s") as store:
+        assert store.get_chunks(ids[:4]) == [c.data for c in chunks[:4]]
+        with pytest.raises(ChunkCorrupt, match="checksum mismatch") as info:
+            store.get_chunks(ids)
+        assert info.value.chunk_id == ids[4]
+
+
 def test_a_truncated_pack_fails_the_read(tmp_path: Path) -> None:
     with DiskStore(tmp_path / "s") as store:
         c = make_chunk(os.urandom(40_000))

@@ -1,0 +1,50 @@
+"""The kernel's view of a TCP connection's link: its delivery rate (Linux TCP_INFO).
+
+Linux keeps, per connection, the rate at which the peer acknowledged data over the most
+recent round trip (``tcpi_delivery_rate``, since 4.9; the estimate BBR is built on), and
+flags a sample taken while the application did not keep the link busy
+(``tcpi_delivery_rate_app_limited``): such a sample says the sender was the bottleneck,
+not the link. casd's delta choice (:mod:`casd.deltachoice`) uses both.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+# struct tcp_info (include/uapi/linux/tcp.h): eight u8 fields, the eighth holding the
+# app-limited bit in its lowest bit; tcpi_delivery_rate is the u64 at byte 160.
+_APP_LIMITED_BYTE = 7
+_DELIVERY_RATE = struct.Struct("=Q")
+_DELIVERY_RATE_AT = 160
+_NEEDED = _DELIVERY_RATE_AT + _DELIVERY_RATE.size
+
+
+@dataclass(frozen=True)
+class Delivery:
+    rate: float  # bytes per second
+    app_limited: bool
+
+
+def delivery(stream: Any) -> Delivery | None:
+    """The latest delivery-rate sample of the TCP connection under ``stream`` (a trio
+    SocketStream, possibly inside SSLStreams), or None where there is none: not Linux,
+    not TCP, or a kernel too old to report it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    while hasattr(stream, "transport_stream"):  # trio.SSLStream
+        stream = stream.transport_stream
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(info) < _NEEDED:
+        return None
+    (rate,) = _DELIVERY_RATE.unpack_from(info, _DELIVERY_RATE_AT)
+    return Delivery(float(rate), bool(info[_APP_LIMITED_BYTE] & 1))
