@@ -17,23 +17,34 @@ blob commits only after its sha256 checks out.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import casproto
 import trio
 
-from casd.chunking import format_digest
+from casd import blobdelta
+from casd.chunking import Chunker, format_digest
 from casd.client import Client, VerifiedChunk
-from casd.errors import DigestMismatch, PeerRefused
+from casd.errors import DigestMismatch, NoSpace, PeerRefused, StoreError, UserError
 from casd.leases import leases_for
 from casd.nursery import open_nursery
 from casd.refs import is_digest
 from casd.storage.interface import ChunkIn, Recipe, Store
+
+log = logging.getLogger("casd.sync")
+
+#: Cuts a stream into chunks (a Chunker's cut_stream, or an OCI layer's TarCutter's).
+Cut = Callable[[Any], Iterator[Any]]
+
+#: A chunk stream moving at least this many wire bytes measures the link: smaller ones
+#: are mostly round trips and TCP slow start.
+MEASURE_STREAM_BYTES = 4 * 1024 * 1024
 
 # Progress frames are sent at most this often: often enough for a smooth bar, rarely
 # enough that a sync of many small blobs is not dominated by them.
@@ -71,10 +82,21 @@ class SyncReport:
     delta_wire_bytes: int = 0
     delta_decode_s: float = 0.0
     delta_fallbacks: int = 0
+    # Blobs that came as one whole-blob delta (casd.blobdelta), and those deltas' size.
+    blobs_as_delta: int = 0
+    blob_delta_bytes: int = 0
+    # The chunk stream of blobs large enough to measure the link by: wire bytes, seconds.
+    stream_wire: int = 0
+    stream_s: float = 0.0
     # The source's choice and cost while this sync ran (its server-wide counters).
     source: dict[str, int | float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     items: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def link_rate(self) -> float | None:
+        """Bytes per second the chunk stream reached, where it moved enough to tell."""
+        return self.stream_wire / self.stream_s if self.stream_s > 0 else None
 
     def as_dict(self) -> dict[str, int | float | str]:
         seconds = time.monotonic() - self.started
@@ -96,6 +118,9 @@ class SyncReport:
             "delta_wire_bytes": self.delta_wire_bytes,
             "delta_decode_s": round(self.delta_decode_s, 4),
             "delta_fallbacks": self.delta_fallbacks,
+            "blobs_as_delta": self.blobs_as_delta,
+            "blob_delta_bytes": self.blob_delta_bytes,
+            "link_mbit": round(self.link_rate * 8 / 1e6, 2) if self.link_rate else 0,
             **{f"source_{k}": v for k, v in self.source.items()},
             "seconds": round(seconds, 4),
         }
@@ -325,6 +350,8 @@ async def sync_into_store(
     defer_names: list[tuple[str, str]] | None = None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
+    link_rate: float | None = None,
+    cut: Callable[[str], Cut] | None = None,
 ) -> SyncReport:
     """Direct mode: copy blobs from the ``src`` server into the local ``store``.
 
@@ -334,7 +361,14 @@ async def sync_into_store(
     can first complete what the blobs reference (an image's layers) and tag after.
     ``on_blob(digest)`` is awaited after each blob this call copies is committed.
     ``tee(digest)`` may return a function that is handed the blob's bytes in order as they
-    are hashed (in a worker thread), so work on them overlaps the transfer.
+    are hashed (in a worker thread), so work on them overlaps the transfer; a second call
+    for the same digest means the first attempt was abandoned.
+
+    A blob with a base here may instead come as one whole-blob delta (casd.blobdelta)
+    where, at ``link_rate`` (bytes/s, measured by earlier syncs from this source), the
+    bytes it would save outweigh its CPU; ``cut(digest)`` cuts the rebuilt blob (an OCI
+    layer's tar is cut at its members, as the source cut it). Any failure falls back to
+    chunks.
 
     Raises:
         PeerRefused, PeerGone: the source failed; what was stored so far stays.
@@ -374,6 +408,8 @@ async def sync_into_store(
             defer_names,
             on_blob,
             tee,
+            link_rate,
+            cut,
         )
     report.wire_bytes = src.peer.wire_bytes - wire_before
     _, raw, wire, decode_s, fallbacks = (
@@ -409,6 +445,8 @@ async def _copy_all(
     defer_names: list[tuple[str, str]] | None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
+    link_rate: float | None = None,
+    cut: Callable[[str], Cut] | None = None,
 ) -> None:
     seen: dict[str, casproto.Recipe] = {}
     for name, digest in pairs:
@@ -445,6 +483,33 @@ async def _copy_all(
             report.bytes_raw_fetched += sum(size for _, size in need)
             report.items.append((name, digest, "would-copy"))
             continue
+
+        old_digest = local_names.get(name) if named else base_hints.get(digest)
+        if old_digest in (None, digest) or not await run(store.has_blob, old_digest):
+            old_digest = None
+        missing_raw = sum(size for _, size in need)
+        if old_digest is not None and blobdelta.pays(missing_raw, recipe.size, link_rate):
+            try:
+                await _copy_as_delta(
+                    src, store, run, recipe, old_digest, report, progress, cut, tee
+                )
+            except (PeerRefused, UserError, StoreError) as exc:
+                if isinstance(exc, NoSpace):
+                    raise
+                # The source lacks the base or the operation, or the delta was bad: no
+                # harm done (nothing of it is visible), the chunks still come.
+                log.warning("%s: whole-blob delta failed (%s); fetching chunks", digest, exc)
+            else:
+                if named and defer_names is not None:
+                    defer_names.append((name, digest))
+                elif named:
+                    await run(store.tag, name, digest)
+                lease.release()
+                report.blobs_copied += 1
+                report.items.append((name, digest, "copied"))
+                if on_blob is not None:
+                    await on_blob(digest)
+                continue
 
         missing = {cid for cid, _ in need}
         hasher = _OrderedHasher(
@@ -488,8 +553,7 @@ async def _copy_all(
             await progress(_progress(report, name, src, wire_before))
 
         bases: dict[bytes, tuple[bytes, ...]] = {}
-        old_digest = local_names.get(name) if named else base_hints.get(digest)
-        if old_digest not in (None, digest) and await run(store.has_blob, old_digest):
+        if old_digest is not None:
             # The previous version under this name: the natural base to encode against.
             old = await run(store.get_recipe, old_digest)
             bases = await run(choose_bases, recipe, need, old)
@@ -499,9 +563,13 @@ async def _copy_all(
         async with open_nursery() as nursery:
             nursery.start_soon(follow)
             async with to_hash:
+                t0, w0 = trio.current_time(), src.peer.wire_bytes
                 report.bytes_fetched += await src.fetch_chunks(
                     need, keep, bases=bases or None, read_base=read_base
                 )
+                if (wire := src.peer.wire_bytes - w0) >= MEASURE_STREAM_BYTES:
+                    report.stream_wire += wire
+                    report.stream_s += trio.current_time() - t0
         local = Recipe(digest, recipe.size, recipe.ids, recipe.sizes)
         actual = await run(hasher.finish)
         if actual != digest:
@@ -516,6 +584,43 @@ async def _copy_all(
         if on_blob is not None:
             await on_blob(digest)
         await progress(_progress(report, name, src, wire_before), force=True)
+
+
+async def _copy_as_delta(
+    src: Client,
+    store: Store,
+    run: Run,
+    recipe: casproto.Recipe,
+    base: str,
+    report: SyncReport,
+    progress: Throttle,
+    cut: Callable[[str], Cut] | None,
+    tee: Callable[[str], Callable[[bytes], None] | None] | None,
+) -> None:
+    """Copy ``recipe.digest`` as one whole-blob delta against ``base``, held here and
+    (the source is asked) there: the source stores the delta as a blob, this side fetches
+    that like any blob and rebuilds the target from it, checking its digest."""
+    digest = recipe.digest
+    made = await src.call("blob.delta", {"target": digest, "base": base})
+    delta = made.get("digest")
+    if not isinstance(delta, str):
+        raise UserError(f"source {src.peer.ident} answered blob.delta without a digest")
+    part = await sync_into_store(src, store, run, [(delta, delta)])
+    _merge_counts(report, part)
+    cutter = cut(digest) if cut is not None else Chunker().cut_stream
+    feed = tee(digest) if tee is not None else None
+    await run(blobdelta.rebuild, store, delta, base, digest, recipe.size, cutter, feed)
+    report.blobs_as_delta += 1
+    report.blob_delta_bytes += int(made.get("size", 0))
+    report.bytes_total += recipe.size
+    await progress({"name": digest, "blobs_done": report.blobs_copied + 1}, force=True)
+
+
+def _merge_counts(report: SyncReport, part: SyncReport) -> None:
+    # What a nested sync moved counts in the outer one (wire bytes are counted there).
+    report.chunks_fetched += part.chunks_fetched
+    report.bytes_fetched += part.bytes_fetched
+    report.bytes_raw_fetched += part.bytes_raw_fetched
 
 
 def _progress(

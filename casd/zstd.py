@@ -15,6 +15,7 @@ from typing import BinaryIO
 if sys.version_info >= (3, 14):  # pragma: no cover - exercised on 3.14 only
     from compression.zstd import (
         CompressionParameter,
+        DecompressionParameter,
         ZstdCompressor,
         ZstdDecompressor,
         ZstdDict,
@@ -25,6 +26,7 @@ if sys.version_info >= (3, 14):  # pragma: no cover - exercised on 3.14 only
 else:
     from backports.zstd import (
         CompressionParameter,
+        DecompressionParameter,
         ZstdCompressor,
         ZstdDecompressor,
         ZstdDict,
@@ -33,7 +35,18 @@ else:
         get_frame_info,
     )
 
-__all__ = ["ZstdError", "compress", "compress_with_prefix", "decompress_bounded", "open_reader"]
+__all__ = [
+    "CompressionParameter",
+    "DecompressionParameter",
+    "ZstdCompressor",
+    "ZstdDecompressor",
+    "ZstdDict",
+    "ZstdError",
+    "compress",
+    "compress_with_prefix",
+    "decompress_bounded",
+    "open_reader",
+]
 
 
 def open_reader(path: str) -> BinaryIO:

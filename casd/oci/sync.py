@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from casd.chunking import format_digest
+from casd.chunking import Chunker, format_digest
 from casd.client import Client
 from casd.errors import PeerRefused
 from casd.nursery import open_nursery
@@ -35,7 +35,8 @@ from casd.oci.layers import (
     read_record,
     read_small,
 )
-from casd.replicate import SyncReport, sync_into_store
+from casd.oci.tarcut import TarCutter
+from casd.replicate import Cut, SyncReport, sync_into_store
 from casd.storage.interface import Store
 
 log = logging.getLogger("casd.oci")
@@ -128,8 +129,10 @@ async def sync_with_images(
     dry_run: bool = False,
     on_progress: Progress = None,
     cache: LayerCache | None = None,
+    link_rate: float | None = None,
 ) -> SyncReport:
-    """:func:`casd.replicate.sync_into_store`, completed with what images reference."""
+    """:func:`casd.replicate.sync_into_store`, completed with what images reference;
+    ``link_rate`` as there."""
     local_before = dict(await run(store.list_names))
     deferred: list[tuple[str, str]] = []
     report = await sync_into_store(
@@ -142,7 +145,9 @@ async def sync_with_images(
                 old = local_before.get(name) or await run(
                     _previous_version, store, name, doc, local_before
                 )
-                await _complete_image(src, store, run, digest, old, report, on_progress, cache)
+                await _complete_image(
+                    src, store, run, digest, old, report, on_progress, cache, link_rate
+                )
         for name, digest in deferred:
             await run(store.tag, name, digest)
     return report
@@ -158,6 +163,8 @@ async def _sync_digests(
     hints: dict[str, str] | None = None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
+    link_rate: float | None = None,
+    cut: Callable[[str], Cut] | None = None,
 ) -> None:
     todo = [d for d in dict.fromkeys(digests) if not await run(store.has_blob, d)]
     if not todo:
@@ -171,6 +178,8 @@ async def _sync_digests(
         base_hints=hints,
         on_blob=on_blob,
         tee=tee,
+        link_rate=link_rate,
+        cut=cut,
     )
     _merge(report, part)
 
@@ -184,6 +193,7 @@ async def _complete_image(
     report: SyncReport,
     on_progress: Progress,
     cache: LayerCache | None,
+    link_rate: float | None,
 ) -> None:
     doc = await run(_document, store, top)
     assert doc is not None
@@ -269,7 +279,15 @@ async def _complete_image(
 
     def tee(content: str) -> Callable[[bytes], None] | None:
         r = landing.get(content)
+        if r is not None and r.fed:  # an attempt that was abandoned: start again
+            r.discard()
+            r = landing[content] = _Reencoder(r.rec, cache)
         return r.feed if r is not None else None
+
+    def cut(content: str) -> Cut:
+        # A layer's tar rebuilt from a whole-blob delta is cut as the importer cut it, so
+        # its chunks are the source's (and the next version's delta finds them).
+        return TarCutter(Chunker()).cut_stream
 
     async def verify(d: str) -> None:
         rec = parsed[d]
@@ -295,7 +313,9 @@ async def _complete_image(
                 done.add(d)
                 verifiers.start_soon(verify, d)
 
-        await _sync_digests(src, store, run, contents, report, on_progress, hints, arrived, tee)
+        await _sync_digests(
+            src, store, run, contents, report, on_progress, hints, arrived, tee, link_rate, cut
+        )
         for d in parsed:  # layers whose content was here already
             await arrived(next(c for c, x in by_content.items() if x == d))
 

@@ -35,7 +35,7 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {}
 
 # Modules whose import registers operations.
-_BUILTIN_MODULES = ("casd.gc", "casd.oci.ops")
+_BUILTIN_MODULES = ("casd.gc", "casd.oci.ops", "casd.blobdelta")
 
 
 def operation(name: str, scope: Scope, summary: str) -> Callable[[Run], Run]:

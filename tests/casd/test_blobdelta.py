@@ -1,0 +1,137 @@
+"""Whole-blob deltas (casd.blobdelta, issue #7): a blob travels as one zstd frame with its
+old version as prefix; the receiver rebuilds it from its own copy of the old version, and
+what it stores is checked against the digest, whatever the delta or the base holds. A
+sync uses one only where the link is slow enough for it to pay, and falls back to chunks
+when it cannot."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from typing import Any
+
+import pytest
+
+from casd import blobdelta
+from casd.chunking import Chunker, format_digest
+from casd.errors import DigestMismatch
+from casd.replicate import sync_into_store
+from casd.storage.memory import MemoryStore
+from casd.storage.testing import read_blob, store_blob
+from tests.casd.server.test_service import client_for
+
+
+async def run(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+def versions(size: int = 2_000_000, seed: int = 7) -> tuple[bytes, bytes]:
+    """An old version and a new one with an insertion and scattered small edits, all
+    through (as a layer whose every file header changed): chunk dedup reuses little."""
+    rnd = random.Random(seed)
+    old = bytearray(rnd.randbytes(size))
+    new = bytearray(old)
+    for pos in range(1000, size, 40_000):
+        new[pos : pos + 8] = rnd.randbytes(8)
+    new[size // 2 : size // 2] = rnd.randbytes(3000)
+    return bytes(old), bytes(new)
+
+
+def digest_of(data: bytes) -> str:
+    return format_digest(hashlib.sha256(data).digest())
+
+
+def delta_between(old: bytes, new: bytes) -> tuple[MemoryStore, str, str, dict[str, Any]]:
+    src = MemoryStore()
+    base = store_blob(src, old).digest
+    target = store_blob(src, new).digest
+    return src, base, target, blobdelta.make(src, target, base)
+
+
+def test_a_new_version_rebuilds_from_a_small_delta_and_the_old_one() -> None:
+    old, new = versions()
+    src, base, target, made = delta_between(old, new)
+    assert made["target_size"] == len(new)
+    assert made["size"] < len(new) // 20  # chunks of the new version would all be new
+
+    dst = MemoryStore()
+    store_blob(dst, old)
+    store_blob(dst, read_blob(src, made["digest"]))
+    seen: list[bytes] = []
+    blobdelta.rebuild(
+        dst, made["digest"], base, target, len(new), Chunker().cut_stream, seen.append
+    )
+    assert read_blob(dst, target) == new
+    assert b"".join(seen) == new  # the tee is handed every byte, in order
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "wrong-base"])
+def test_a_bad_delta_or_base_stores_nothing_visible(damage: str) -> None:
+    old, new = versions()
+    src, base, target, made = delta_between(old, new)
+    dst = MemoryStore()
+    delta = read_blob(src, made["digest"])
+    if damage == "flipped-byte":
+        store_blob(dst, old)
+        delta = delta[:-100] + bytes([delta[-100] ^ 1]) + delta[-99:]
+    else:  # the receiver's "old version" is another blob of the same size
+        base = store_blob(dst, os.urandom(len(old))).digest
+    bad = store_blob(dst, delta).digest
+    with pytest.raises(DigestMismatch):
+        blobdelta.rebuild(dst, bad, base, target, len(new), Chunker().cut_stream)
+    assert not dst.has_blob(target)
+
+
+def test_a_delta_that_decodes_to_more_than_the_target_size_is_refused() -> None:
+    old, new = versions(200_000)
+    src, base, target, made = delta_between(old, new)
+    dst = MemoryStore()
+    store_blob(dst, old)
+    store_blob(dst, read_blob(src, made["digest"]))
+    with pytest.raises(DigestMismatch, match="more than"):
+        list(blobdelta.decode(dst, made["digest"], base, len(new) - 1))
+
+
+def test_a_base_beyond_the_memory_budget_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = versions(300_000)
+    src = MemoryStore()
+    base, target = store_blob(src, old).digest, store_blob(src, new).digest
+    monkeypatch.setattr(blobdelta, "MAX_BASE", 100_000)
+    with pytest.raises(blobdelta.DeltaTooLarge):
+        blobdelta.make(src, target, base)
+
+
+def test_it_pays_on_a_slow_link_only() -> None:
+    missing, size = 100_000_000, 300_000_000  # a third of a 300 MB layer is new
+    assert blobdelta.pays(missing, size, link_rate=2.5e6)  # 20 Mbit/s: 9 s of link saved
+    assert not blobdelta.pays(missing, size, link_rate=125e6)  # 1 Gbit/s: 0.2 s
+    assert not blobdelta.pays(missing, size, link_rate=None)  # unmeasured: chunks measure it
+    assert not blobdelta.pays(1_000_000, size, link_rate=2.5e6)  # little is new
+
+
+async def test_a_sync_over_a_slow_link_moves_a_whole_blob_delta() -> None:
+    old, new = versions()
+    src, dst = MemoryStore(), MemoryStore()
+    store_blob(src, old, "blob")
+    async with client_for(src) as c:
+        await sync_into_store(c, dst, run, [("blob", digest_of(old))])
+    store_blob(src, new, "blob")
+    async with client_for(src) as c:
+        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link_rate=1e5)
+    assert report.blobs_as_delta == 1
+    assert report.blobs_copied == 1
+    assert read_blob(dst, dst.resolve("blob")) == new
+    assert report.wire_bytes < len(new) // 10
+
+
+async def test_when_the_source_lacks_the_base_the_sync_falls_back_to_chunks() -> None:
+    old, new = versions()
+    src, dst = MemoryStore(), MemoryStore()
+    store_blob(dst, old, "blob")  # the receiver's old version, which the source never had
+    store_blob(src, new, "blob")
+    async with client_for(src) as c:
+        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link_rate=1e5)
+    assert report.blobs_as_delta == 0
+    assert report.chunks_fetched > 0
+    assert read_blob(dst, dst.resolve("blob")) == new
