@@ -339,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-delta",
         action="store_true",
         help="when syncing from another server, ask for chunks only, never deltas against "
-        "chunks held here (to compare; by default the source serves deltas while they "
-        "deliver faster than plain chunks)",
+        "what is held here (to compare; by default the source serves chunk deltas where "
+        "the link time they save exceeds their CPU, and over a link measured as slow a "
+        "blob may come as one whole-blob delta)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     f = sub.add_parser(

@@ -85,7 +85,7 @@ def test_a_bad_delta_or_base_stores_nothing_visible(damage: str) -> None:
 
 def test_a_delta_that_decodes_to_more_than_the_target_size_is_refused() -> None:
     old, new = versions(200_000)
-    src, base, target, made = delta_between(old, new)
+    src, base, _target, made = delta_between(old, new)
     dst = MemoryStore()
     store_blob(dst, old)
     store_blob(dst, read_blob(src, made["digest"]))
