@@ -51,12 +51,13 @@ PIECE = 1024 * 1024
 #: that of the chunks it replaces, and the time per byte of the target that making and
 #: using one adds to a sync (the source reads base and target and encodes before the
 #: receiver can fetch; the receiver then reads its base, decodes, cuts, hashes, stores).
-#: Measured on the benchmark corpus over 20 Mbit/s (pyapp, 231 MB layers): deltas of
-#: 11.7 MB and 0.39 MB against chunk transfers of 18 MB and 3.0 MB, for 4.9 s and 3.2 s
-#: more time outside the link than the chunk path took; the `prefix` column of
-#: bench/RESULTS.md is 0.15-0.55 of the `ideal` one.
+#: Measured over 20 Mbit/s on the benchmark corpus (bench/results/oci-20261129-085722.json
+#: against the chunk path of oci-20261129-065256.json), deltas of 10.3, 9.6 and 9.0 MB
+#: stood for chunk transfers of 12.9, 18.5 and 19.8 MB, and took 6.1, 5.1 and 5.0 s
+#: more outside the link: 35-42 ns per byte of the 174, 121 and 133 MB targets. The
+#: `prefix` column of bench/RESULTS.md is 0.15-0.55 of the `ideal` one.
 DELTA_SHARE = 0.5
-CPU_PER_BYTE = 20e-9
+CPU_PER_BYTE = 40e-9
 #: The chunks a blob lacks are zstd'd to about this share of their size on the wire.
 CHUNK_WIRE_SHARE = 0.45
 

@@ -97,11 +97,3 @@ class DeltaChooser:
         if not app_limited and rate > 0:
             old = self.link_rate
             self.link_rate = rate if old is None else old + self.alpha * (rate - old)
-
-    def as_dict(self) -> dict[str, float | int | bool | None]:
-        return {
-            "saved_per_raw": self.saved_per_raw,
-            "cpu_ns_per_raw": None if self.cpu_per_raw is None else self.cpu_per_raw * 1e9,
-            "link_mbit": None if self.link_rate is None else self.link_rate * 8 / 1e6,
-            "app_limited": self.app_limited,
-        }

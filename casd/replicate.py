@@ -50,8 +50,8 @@ MEASURE_STREAM_BYTES = 4 * 1024 * 1024
 # enough that a sync of many small blobs is not dominated by them.
 PROGRESS_INTERVAL_S = 0.25
 
-# Recipes fetched ahead of the blob being copied. A recipe is ~36 bytes per chunk; eight
-# ahead hide the round trip of each small blob behind the transfer of the previous ones.
+# Recipes fetched ahead of the blob being copied, requested together. A recipe is ~36
+# bytes per chunk; eight ahead hide the round trip of each small blob.
 RECIPE_PREFETCH = 8
 #: Batches of fetched chunks that may wait for the blob hash (a batch is at most
 #: PULL_BATCH_BYTES): the bound on memory when hashing lags behind the link.
@@ -387,9 +387,21 @@ async def sync_into_store(
     recipes_in, recipes_out = trio.open_memory_channel[casproto.Recipe](RECIPE_PREFETCH)
 
     async def prefetch() -> None:
+        # RECIPE_PREFETCH requests go out together: the recipes of an image's config and
+        # layer records cost one round trip, not one each.
+        got: dict[str, casproto.Recipe] = {}
+
+        async def one(digest: str) -> None:
+            got[digest] = await src.fetch_recipe(digest)
+
         async with recipes_in:
-            for digest in to_fetch:
-                await recipes_in.send(await src.fetch_recipe(digest))
+            for i in range(0, len(to_fetch), RECIPE_PREFETCH):
+                window = to_fetch[i : i + RECIPE_PREFETCH]
+                async with open_nursery() as fetchers:
+                    for digest in window:
+                        fetchers.start_soon(one, digest)
+                for digest in window:
+                    await recipes_in.send(got.pop(digest))
 
     async with open_nursery() as nursery, recipes_out:
         nursery.start_soon(prefetch)
@@ -488,102 +500,109 @@ async def _copy_all(
         if old_digest in (None, digest) or not await run(store.has_blob, old_digest):
             old_digest = None
         missing_raw = sum(size for _, size in need)
+        committed = False  # a whole-blob delta commits the blob as it rebuilds it
         if old_digest is not None and blobdelta.pays(missing_raw, recipe.size, link_rate):
             try:
-                await _copy_as_delta(
-                    src, store, run, recipe, old_digest, report, progress, cut, tee
-                )
+                await _copy_as_delta(src, store, run, recipe, old_digest, report, cut, tee)
+                committed = True
             except (PeerRefused, UserError, StoreError) as exc:
                 if isinstance(exc, NoSpace):
                     raise
                 # The source lacks the base or the operation, or the delta was bad: no
                 # harm done (nothing of it is visible), the chunks still come.
                 log.warning("%s: whole-blob delta failed (%s); fetching chunks", digest, exc)
-            else:
-                if named and defer_names is not None:
-                    defer_names.append((name, digest))
-                elif named:
-                    await run(store.tag, name, digest)
-                lease.release()
-                report.blobs_copied += 1
-                report.items.append((name, digest, "copied"))
-                if on_blob is not None:
-                    await on_blob(digest)
-                continue
-
-        missing = {cid for cid, _ in need}
-        hasher = _OrderedHasher(
-            recipe,
-            store,
-            held=[c for c in recipe.ids if c not in missing],
-            tee=tee(digest) if tee is not None else None,
-        )
-
-        def put(chunks: list[VerifiedChunk]) -> None:
-            # Verified by fetch_chunks already: store without hashing again, and keep the
-            # compressed form as it came.
-            batch = [
-                ChunkIn(c.id, c.data, c.codec, c.payload, decoded_from_encoded=True) for c in chunks
-            ]
-            store.put_chunks(batch, verify=False)
-
-        # The blob hash (and a tee such as an OCI layer's re-encoding) follows the transfer
-        # in a task of its own: it reads the chunks held before from the store, which must
-        # not hold up storing what arrives. The queue bounds how far it may lag.
-        to_hash, hash_queue = trio.open_memory_channel[dict[bytes, bytes]](HASH_LAG_BATCHES)
-
-        async def follow(
-            hasher: _OrderedHasher = hasher,
-            queue: trio.MemoryReceiveChannel[dict[bytes, bytes]] = hash_queue,
-        ) -> None:
-            async with queue:
-                async for fresh in queue:
-                    await run(hasher.advance, fresh)
-
-        async def keep(
-            chunks: list[VerifiedChunk],
-            name: str = name,
-            to_hash: trio.MemorySendChannel[dict[bytes, bytes]] = to_hash,
-        ) -> None:
-            await run(put, chunks)
-            await to_hash.send({c.id: c.data for c in chunks})
-            report.chunks_delta += sum(c.codec == casproto.Codec.ZSTD_PREFIX for c in chunks)
-            report.chunks_fetched += len(chunks)
-            report.bytes_raw_fetched += sum(len(c.data) for c in chunks)
-            await progress(_progress(report, name, src, wire_before))
-
-        bases: dict[bytes, tuple[bytes, ...]] = {}
-        if old_digest is not None:
-            # The previous version under this name: the natural base to encode against.
-            old = await run(store.get_recipe, old_digest)
-            bases = await run(choose_bases, recipe, need, old)
-
-        read_base = _BaseReader(store).read
-
-        async with open_nursery() as nursery:
-            nursery.start_soon(follow)
-            async with to_hash:
-                t0, w0 = trio.current_time(), src.peer.wire_bytes
-                report.bytes_fetched += await src.fetch_chunks(
-                    need, keep, bases=bases or None, read_base=read_base
-                )
-                if (wire := src.peer.wire_bytes - w0) >= MEASURE_STREAM_BYTES:
-                    report.stream_wire += wire
-                    report.stream_s += trio.current_time() - t0
-        local = Recipe(digest, recipe.size, recipe.ids, recipe.sizes)
-        actual = await run(hasher.finish)
-        if actual != digest:
-            raise DigestMismatch(digest, actual)
+        if not committed:
+            await _fetch_as_chunks(
+                src, store, run, name, recipe, need, old_digest, report, progress, wire_before, tee
+            )
         if named and defer_names is not None:
             defer_names.append((name, digest))
             named = False
-        await run(store.commit_blob, local, name if named else None)
+        if not committed:
+            local = Recipe(digest, recipe.size, recipe.ids, recipe.sizes)
+            await run(store.commit_blob, local, name if named else None)
+        elif named:
+            await run(store.tag, name, digest)
         lease.release()
         report.blobs_copied += 1
         report.items.append((name, digest, "copied"))
         if on_blob is not None:
             await on_blob(digest)
         await progress(_progress(report, name, src, wire_before), force=True)
+
+
+async def _fetch_as_chunks(
+    src: Client,
+    store: Store,
+    run: Run,
+    name: str,
+    recipe: casproto.Recipe,
+    need: list[tuple[bytes, int]],
+    old_digest: str | None,
+    report: SyncReport,
+    progress: Throttle,
+    wire_before: int,
+    tee: Callable[[str], Callable[[bytes], None] | None] | None,
+) -> None:
+    """Fetch the chunks of ``recipe`` this store lacks (``need``), as deltas against the
+    old version ``old_digest`` where the source finds that pays, and check the blob's
+    digest; the caller commits it."""
+    digest = recipe.digest
+    missing = {cid for cid, _ in need}
+    hasher = _OrderedHasher(
+        recipe,
+        store,
+        held=[c for c in recipe.ids if c not in missing],
+        tee=tee(digest) if tee is not None else None,
+    )
+
+    def put(chunks: list[VerifiedChunk]) -> None:
+        # Verified by fetch_chunks already: store without hashing again, and keep the
+        # compressed form as it came.
+        batch = [
+            ChunkIn(c.id, c.data, c.codec, c.payload, decoded_from_encoded=True) for c in chunks
+        ]
+        store.put_chunks(batch, verify=False)
+
+    # The blob hash (and a tee such as an OCI layer's re-encoding) follows the transfer
+    # in a task of its own: it reads the chunks held before from the store, which must
+    # not hold up storing what arrives. The queue bounds how far it may lag.
+    to_hash, hash_queue = trio.open_memory_channel[dict[bytes, bytes]](HASH_LAG_BATCHES)
+
+    async def follow() -> None:
+        async with hash_queue:
+            async for fresh in hash_queue:
+                await run(hasher.advance, fresh)
+
+    async def keep(chunks: list[VerifiedChunk]) -> None:
+        await run(put, chunks)
+        await to_hash.send({c.id: c.data for c in chunks})
+        report.chunks_delta += sum(c.codec == casproto.Codec.ZSTD_PREFIX for c in chunks)
+        report.chunks_fetched += len(chunks)
+        report.bytes_raw_fetched += sum(len(c.data) for c in chunks)
+        await progress(_progress(report, name, src, wire_before))
+
+    bases: dict[bytes, tuple[bytes, ...]] = {}
+    if old_digest is not None:
+        # The previous version under this name: the natural base to encode against.
+        old = await run(store.get_recipe, old_digest)
+        bases = await run(choose_bases, recipe, need, old)
+
+    read_base = _BaseReader(store).read
+
+    async with open_nursery() as nursery:
+        nursery.start_soon(follow)
+        async with to_hash:
+            t0, w0 = trio.current_time(), src.peer.wire_bytes
+            report.bytes_fetched += await src.fetch_chunks(
+                need, keep, bases=bases or None, read_base=read_base
+            )
+            if (wire := src.peer.wire_bytes - w0) >= MEASURE_STREAM_BYTES:
+                report.stream_wire += wire
+                report.stream_s += trio.current_time() - t0
+    actual = await run(hasher.finish)
+    if actual != digest:
+        raise DigestMismatch(digest, actual)
 
 
 async def _copy_as_delta(
@@ -593,7 +612,6 @@ async def _copy_as_delta(
     recipe: casproto.Recipe,
     base: str,
     report: SyncReport,
-    progress: Throttle,
     cut: Callable[[str], Cut] | None,
     tee: Callable[[str], Callable[[bytes], None] | None] | None,
 ) -> None:
@@ -612,8 +630,6 @@ async def _copy_as_delta(
     await run(blobdelta.rebuild, store, delta, base, digest, recipe.size, cutter, feed)
     report.blobs_as_delta += 1
     report.blob_delta_bytes += int(made.get("size", 0))
-    report.bytes_total += recipe.size
-    await progress({"name": digest, "blobs_done": report.blobs_copied + 1}, force=True)
 
 
 def _merge_counts(report: SyncReport, part: SyncReport) -> None:
@@ -621,6 +637,8 @@ def _merge_counts(report: SyncReport, part: SyncReport) -> None:
     report.chunks_fetched += part.chunks_fetched
     report.bytes_fetched += part.bytes_fetched
     report.bytes_raw_fetched += part.bytes_raw_fetched
+    report.stream_wire += part.stream_wire
+    report.stream_s += part.stream_s
 
 
 def _progress(
