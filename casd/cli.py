@@ -387,6 +387,12 @@ async def cmd_sync(args: argparse.Namespace) -> int:
                 f"(encoding took {float(report.get('source_delta_encode_s', 0)):.2f}s)",
                 file=sys.stderr,
             )
+        if int(report.get("blobs_as_delta", 0)):
+            print(
+                f"whole-blob deltas: {report['blobs_as_delta']} blobs came as "
+                f"{human(int(report['blob_delta_bytes']))} of deltas against their old versions",
+                file=sys.stderr,
+            )
     return 0
 
 
