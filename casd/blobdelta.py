@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from casd.auth import Scope
@@ -58,18 +59,25 @@ PIECE = 1024 * 1024
 #: `prefix` column of bench/RESULTS.md is 0.15-0.55 of the `ideal` one.
 DELTA_SHARE = 0.5
 CPU_PER_BYTE = 40e-9
-#: The chunks a blob lacks are zstd'd to about this share of their size on the wire.
-CHUNK_WIRE_SHARE = 0.45
 
 
-def pays(missing_raw: int, target_size: int, link_rate: float | None) -> bool:
+@dataclass(frozen=True)
+class Link:
+    """What a chunk stream from a source measured: its rate (bytes/s), and the wire bytes
+    it took per raw byte of chunk (compression and chunk deltas included)."""
+
+    rate: float
+    wire_per_raw: float
+
+
+def pays(missing_raw: int, target_size: int, link: Link | None) -> bool:
     """Whether a whole-blob delta should beat fetching the ``missing_raw`` bytes of chunks
-    a blob of ``target_size`` bytes lacks, over a link of ``link_rate`` bytes/s. With no
-    measured rate, no: the chunk transfer measures it for the next time."""
-    if not link_rate or target_size > MAX_TARGET:
+    a blob of ``target_size`` bytes lacks, over ``link`` as the last chunk stream from
+    that source found it. With nothing measured, no: the chunk transfer measures it."""
+    if link is None or link.rate <= 0 or target_size > MAX_TARGET:
         return False
-    saved = missing_raw * CHUNK_WIRE_SHARE * (1 - DELTA_SHARE)
-    return saved / link_rate > target_size * CPU_PER_BYTE
+    saved = missing_raw * link.wire_per_raw * (1 - DELTA_SHARE)
+    return saved / link.rate > target_size * CPU_PER_BYTE
 
 
 class DeltaTooLarge(UserError):

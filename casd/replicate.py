@@ -85,18 +85,22 @@ class SyncReport:
     # Blobs that came as one whole-blob delta (casd.blobdelta), and those deltas' size.
     blobs_as_delta: int = 0
     blob_delta_bytes: int = 0
-    # The chunk stream of blobs large enough to measure the link by: wire bytes, seconds.
+    # The chunk stream of blobs large enough to measure the link by: wire bytes, seconds,
+    # and the raw size of the chunks it carried.
     stream_wire: int = 0
     stream_s: float = 0.0
+    stream_raw: int = 0
     # The source's choice and cost while this sync ran (its server-wide counters).
     source: dict[str, int | float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     items: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
-    def link_rate(self) -> float | None:
-        """Bytes per second the chunk stream reached, where it moved enough to tell."""
-        return self.stream_wire / self.stream_s if self.stream_s > 0 else None
+    def link(self) -> blobdelta.Link | None:
+        """What the chunk stream found, where it moved enough to tell."""
+        if self.stream_s <= 0 or self.stream_raw <= 0:
+            return None
+        return blobdelta.Link(self.stream_wire / self.stream_s, self.stream_wire / self.stream_raw)
 
     def as_dict(self) -> dict[str, int | float | str]:
         seconds = time.monotonic() - self.started
@@ -120,7 +124,7 @@ class SyncReport:
             "delta_fallbacks": self.delta_fallbacks,
             "blobs_as_delta": self.blobs_as_delta,
             "blob_delta_bytes": self.blob_delta_bytes,
-            "link_mbit": round(self.link_rate * 8 / 1e6, 2) if self.link_rate else 0,
+            "link_mbit": round(self.link.rate * 8 / 1e6, 2) if self.link else 0,
             **{f"source_{k}": v for k, v in self.source.items()},
             "seconds": round(seconds, 4),
         }
@@ -350,7 +354,7 @@ async def sync_into_store(
     defer_names: list[tuple[str, str]] | None = None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
-    link_rate: float | None = None,
+    link: blobdelta.Link | None = None,
     cut: Callable[[str], Cut] | None = None,
 ) -> SyncReport:
     """Direct mode: copy blobs from the ``src`` server into the local ``store``.
@@ -365,8 +369,8 @@ async def sync_into_store(
     for the same digest means the first attempt was abandoned.
 
     A blob with a base here may instead come as one whole-blob delta (casd.blobdelta)
-    where, at ``link_rate`` (bytes/s, measured by earlier syncs from this source), the
-    bytes it would save outweigh its CPU; ``cut(digest)`` cuts the rebuilt blob (an OCI
+    where, over ``link`` (as earlier syncs from this source measured it), the bytes it
+    would save outweigh its CPU; ``cut(digest)`` cuts the rebuilt blob (an OCI
     layer's tar is cut at its members, as the source cut it). Any failure falls back to
     chunks.
 
@@ -420,7 +424,7 @@ async def sync_into_store(
             defer_names,
             on_blob,
             tee,
-            link_rate,
+            link,
             cut,
         )
     report.wire_bytes = src.peer.wire_bytes - wire_before
@@ -457,7 +461,7 @@ async def _copy_all(
     defer_names: list[tuple[str, str]] | None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
-    link_rate: float | None = None,
+    link: blobdelta.Link | None = None,
     cut: Callable[[str], Cut] | None = None,
 ) -> None:
     seen: dict[str, casproto.Recipe] = {}
@@ -501,7 +505,7 @@ async def _copy_all(
             old_digest = None
         missing_raw = sum(size for _, size in need)
         committed = False  # a whole-blob delta commits the blob as it rebuilds it
-        if old_digest is not None and blobdelta.pays(missing_raw, recipe.size, link_rate):
+        if old_digest is not None and blobdelta.pays(missing_raw, recipe.size, link):
             try:
                 await _copy_as_delta(src, store, run, recipe, old_digest, report, cut, tee)
                 committed = True
@@ -593,13 +597,14 @@ async def _fetch_as_chunks(
     async with open_nursery() as nursery:
         nursery.start_soon(follow)
         async with to_hash:
-            t0, w0 = trio.current_time(), src.peer.wire_bytes
+            t0, w0, r0 = trio.current_time(), src.peer.wire_bytes, report.bytes_raw_fetched
             report.bytes_fetched += await src.fetch_chunks(
                 need, keep, bases=bases or None, read_base=read_base
             )
             if (wire := src.peer.wire_bytes - w0) >= MEASURE_STREAM_BYTES:
                 report.stream_wire += wire
                 report.stream_s += trio.current_time() - t0
+                report.stream_raw += report.bytes_raw_fetched - r0
     actual = await run(hasher.finish)
     if actual != digest:
         raise DigestMismatch(digest, actual)
@@ -639,6 +644,7 @@ def _merge_counts(report: SyncReport, part: SyncReport) -> None:
     report.bytes_raw_fetched += part.bytes_raw_fetched
     report.stream_wire += part.stream_wire
     report.stream_s += part.stream_s
+    report.stream_raw += part.stream_raw
 
 
 def _progress(

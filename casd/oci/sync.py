@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from casd.blobdelta import Link
 from casd.chunking import Chunker, format_digest
 from casd.client import Client
 from casd.errors import PeerRefused
@@ -129,10 +130,10 @@ async def sync_with_images(
     dry_run: bool = False,
     on_progress: Progress = None,
     cache: LayerCache | None = None,
-    link_rate: float | None = None,
+    link: Link | None = None,
 ) -> SyncReport:
     """:func:`casd.replicate.sync_into_store`, completed with what images reference;
-    ``link_rate`` as there."""
+    ``link`` as there."""
     local_before = dict(await run(store.list_names))
     deferred: list[tuple[str, str]] = []
     report = await sync_into_store(
@@ -146,7 +147,7 @@ async def sync_with_images(
                     _previous_version, store, name, doc, local_before
                 )
                 await _complete_image(
-                    src, store, run, digest, old, report, on_progress, cache, link_rate
+                    src, store, run, digest, old, report, on_progress, cache, link
                 )
         for name, digest in deferred:
             await run(store.tag, name, digest)
@@ -163,7 +164,7 @@ async def _sync_digests(
     hints: dict[str, str] | None = None,
     on_blob: Callable[[str], Awaitable[None]] | None = None,
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
-    link_rate: float | None = None,
+    link: Link | None = None,
     cut: Callable[[str], Cut] | None = None,
 ) -> None:
     todo = [d for d in dict.fromkeys(digests) if not await run(store.has_blob, d)]
@@ -178,7 +179,7 @@ async def _sync_digests(
         base_hints=hints,
         on_blob=on_blob,
         tee=tee,
-        link_rate=link_rate,
+        link=link,
         cut=cut,
     )
     _merge(report, part)
@@ -193,7 +194,7 @@ async def _complete_image(
     report: SyncReport,
     on_progress: Progress,
     cache: LayerCache | None,
-    link_rate: float | None,
+    link: Link | None,
 ) -> None:
     doc = await run(_document, store, top)
     assert doc is not None
@@ -314,7 +315,7 @@ async def _complete_image(
                 verifiers.start_soon(verify, d)
 
         await _sync_digests(
-            src, store, run, contents, report, on_progress, hints, arrived, tee, link_rate, cut
+            src, store, run, contents, report, on_progress, hints, arrived, tee, link, cut
         )
         for d in parsed:  # layers whose content was here already
             await arrived(next(c for c, x in by_content.items() if x == d))

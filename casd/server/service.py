@@ -24,6 +24,7 @@ from casproto import ErrorCode
 from casd import __version__, zstd
 from casd import ingest as ingest_mod
 from casd.auth import Scope, TokenTable, required_scope
+from casd.blobdelta import Link
 from casd.client import VerifiedChunk, open_client
 from casd.deltachoice import DeltaChooser
 from casd.errors import (
@@ -146,9 +147,9 @@ class ServerContext:
     oci_cache: LayerCache | None = None
     # Whether this daemon asks its sync sources for deltas (`casd serve --no-delta`: no).
     deltas: bool = True
-    # Per sync source, the rate its last large chunk stream reached (bytes/s): what a
-    # whole-blob delta is weighed against (casd.blobdelta.pays).
-    link_rates: dict[str, float] = field(default_factory=dict)
+    # Per sync source, what its last large chunk stream found (rate, wire bytes per raw
+    # byte): what a whole-blob delta is weighed against (casd.blobdelta.pays).
+    links: dict[str, Link] = field(default_factory=dict)
     stats: ServerStats = field(default_factory=ServerStats)
     # Bounds the worker threads all connections may occupy with store calls at once.
     limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
@@ -729,10 +730,10 @@ class Session:
                     dry_run=ev.dry_run,
                     on_progress=send_progress,
                     cache=self.ctx.oci_cache,
-                    link_rate=self.ctx.link_rates.get(source) if self.ctx.deltas else None,
+                    link=self.ctx.links.get(source) if self.ctx.deltas else None,
                 )
-                if (rate := report.link_rate) is not None:  # for the next sync from there
-                    self.ctx.link_rates[source] = rate
+                if (link := report.link) is not None:  # for the next sync from there
+                    self.ctx.links[source] = link
                 after = await source_delta_stats(src)
                 report.source = {k: round(after[k] - before.get(k, 0), 4) for k in after}
                 report.wire_bytes = src.peer.wire_bytes  # the whole conversation, handshake on

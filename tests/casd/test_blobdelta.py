@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from casd import blobdelta
+from casd.blobdelta import Link
 from casd.chunking import Chunker, format_digest
 from casd.errors import DigestMismatch
 from casd.replicate import sync_into_store
@@ -104,10 +105,13 @@ def test_a_base_beyond_the_memory_budget_is_refused(monkeypatch: pytest.MonkeyPa
 
 def test_it_pays_on_a_slow_link_only() -> None:
     missing, size = 100_000_000, 300_000_000  # a third of a 300 MB layer is new
-    assert blobdelta.pays(missing, size, link_rate=1e6)  # 8 Mbit/s: 22 s of link saved
-    assert not blobdelta.pays(missing, size, link_rate=125e6)  # 1 Gbit/s: 0.2 s
-    assert not blobdelta.pays(missing, size, link_rate=None)  # unmeasured: chunks measure it
-    assert not blobdelta.pays(1_000_000, size, link_rate=2.5e6)  # little is new
+    # Chunks crossed at 0.4 wire bytes per raw byte; half of that is saved.
+    assert blobdelta.pays(missing, size, Link(1e6, 0.4))  # 8 Mbit/s: 20 s of link saved
+    assert not blobdelta.pays(missing, size, Link(125e6, 0.4))  # 1 Gbit/s: 0.16 s
+    assert not blobdelta.pays(missing, size, None)  # unmeasured: the chunks measure it
+    assert not blobdelta.pays(1_000_000, size, Link(1e6, 0.4))  # little is new
+    # Chunk deltas already shrink what crosses to 0.1: too little left to save.
+    assert not blobdelta.pays(missing, size, Link(2.5e6, 0.1))
 
 
 async def test_a_sync_over_a_slow_link_moves_a_whole_blob_delta() -> None:
@@ -118,7 +122,7 @@ async def test_a_sync_over_a_slow_link_moves_a_whole_blob_delta() -> None:
         await sync_into_store(c, dst, run, [("blob", digest_of(old))])
     store_blob(src, new, "blob")
     async with client_for(src) as c:
-        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link_rate=1e5)
+        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
     assert report.blobs_as_delta == 1
     assert report.blobs_copied == 1
     assert read_blob(dst, dst.resolve("blob")) == new
@@ -131,7 +135,7 @@ async def test_when_the_source_lacks_the_base_the_sync_falls_back_to_chunks() ->
     store_blob(dst, old, "blob")  # the receiver's old version, which the source never had
     store_blob(src, new, "blob")
     async with client_for(src) as c:
-        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link_rate=1e5)
+        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
     assert report.blobs_as_delta == 0
     assert report.chunks_fetched > 0
     assert read_blob(dst, dst.resolve("blob")) == new
