@@ -138,7 +138,8 @@ def decode(store: Store, delta: str, base: str, size: int) -> Iterator[bytes]:
     exactly ``size`` bytes, in pieces.
 
     Raises:
-        DigestMismatch: the delta does not decode, or to another size.
+        DigestMismatch: the delta does not decode, decodes to another size, or has bytes
+            after its frame.
     """
     prefix = _prefix(store, base)
     dec = ZstdDecompressor(
@@ -148,6 +149,8 @@ def decode(store: Store, delta: str, base: str, size: int) -> Iterator[bytes]:
     made = 0
     try:
         for data in iter_blob(store, delta):
+            if dec.eof and data:
+                raise DigestMismatch(delta, "a delta with bytes after its zstd frame")
             while not dec.eof:
                 out = dec.decompress(data, max_length=PIECE)
                 data = b""
@@ -160,6 +163,8 @@ def decode(store: Store, delta: str, base: str, size: int) -> Iterator[bytes]:
                     break
     except ZstdError as exc:
         raise DigestMismatch(delta, f"a delta that does not decode: {exc}") from None
+    if dec.unused_data:
+        raise DigestMismatch(delta, "a delta with bytes after its zstd frame")
     if not dec.eof or made != size:
         raise DigestMismatch(delta, f"a delta decoding to {made} of {size} bytes")
 

@@ -94,6 +94,16 @@ def test_a_delta_that_decodes_to_more_than_the_target_size_is_refused() -> None:
         list(blobdelta.decode(dst, made["digest"], base, len(new) - 1))
 
 
+def test_a_delta_with_bytes_after_its_frame_is_refused() -> None:
+    old, new = versions(200_000)
+    src, base, _target, made = delta_between(old, new)
+    dst = MemoryStore()
+    store_blob(dst, old)
+    padded = store_blob(dst, read_blob(src, made["digest"]) + b"trailing").digest
+    with pytest.raises(DigestMismatch, match="after its zstd frame"):
+        list(blobdelta.decode(dst, padded, base, len(new)))
+
+
 def test_a_base_beyond_the_memory_budget_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     old, new = versions(300_000)
     src = MemoryStore()
