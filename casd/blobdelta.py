@@ -9,22 +9,25 @@ matching, so a match may reach anywhere in the old version. The receiver decodes
 against the same old blob from its own store, cuts what comes out into its own chunks and
 checks the digest, so nothing depends on the sender's recipe.
 
-The source makes the delta as a blob of its own (:func:`make`, operation ``blob.delta``)
-and the receiver fetches it like any blob, then rebuilds the target with
-:func:`rebuild`. The prefix is held whole in memory at both ends, hence ``MAX_BASE``.
+The source streams the delta (operation ``blob.delta``, its pieces as CALL_DATA frames,
+:class:`Encoder`) and the receiver rebuilds the target as they arrive (:func:`rebuild`):
+encoding, transfer and decoding overlap. The prefix is held whole in memory at both
+ends, hence ``MAX_BASE``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from casd.auth import Scope
-from casd.chunking import Chunker
 from casd.errors import DigestMismatch, UserError
-from casd.oci.layers import BlobWriter, IterReader, iter_blob, put_stream
+from casd.nursery import open_nursery
+from casd.oci.layers import BlobWriter, IterReader, iter_blob
 from casd.server import ops
 from casd.storage.interface import Store
 from casd.zstd import (
@@ -46,19 +49,23 @@ MAX_TARGET = 2 << 30
 MAX_WINDOW_LOG = 31
 #: Decoded output is handed on in pieces of at most this many bytes.
 PIECE = 1024 * 1024
+#: The source flushes the frame after this much target input: a piece goes out, and is
+#: decoded, while the next is encoded.
+STEP_BYTES = 4 * 1024 * 1024
 
 
 #: Before a transfer the choice can only estimate: the size of a whole-blob delta against
 #: that of the chunks it replaces, and the time per byte of the target that making and
-#: using one adds to a sync (the source reads base and target and encodes before the
-#: receiver can fetch; the receiver then reads its base, decodes, cuts, hashes, stores).
-#: Measured over 20 Mbit/s on the benchmark corpus (bench/results/oci-20261129-085722.json
-#: against the chunk path of oci-20261129-065256.json), deltas of 10.3, 9.6 and 9.0 MB
-#: stood for chunk transfers of 12.9, 18.5 and 19.8 MB, and took 6.1, 5.1 and 5.0 s
-#: more outside the link: 35-42 ns per byte of the 174, 121 and 133 MB targets. The
-#: `prefix` column of bench/RESULTS.md is 0.15-0.55 of the `ideal` one.
+#: using one adds to a sync. Both ends read their base whole before the first piece
+#: (reading a 122 MB layer from a store takes 0.6-0.9 s here), then the source reads and
+#: encodes the target while the receiver decodes, cuts, hashes and stores it.
+#: Deltas: 0.28-0.8 of the chunk bytes they replaced on the benchmark's converted steps
+#: (the `prefix` column of bench/RESULTS.md is 0.15-0.55 of the `ideal` one).
+#: Cost, streamed, on loopback (two daemons sharing this machine's 2 cores, pyapp layers
+#: of 122 and 125 MB): 1.3 s and 1.4-2.0 s more than the chunk path, 11-16 ns per byte.
+#: Before it was streamed (encode, then transfer, then decode) it was 35-42 ns.
 DELTA_SHARE = 0.5
-CPU_PER_BYTE = 40e-9
+CPU_PER_BYTE = 15e-9
 
 
 @dataclass(frozen=True)
@@ -93,101 +100,120 @@ def _window_log(base: int, target: int) -> int:
     return max(20, need)
 
 
-def _prefix(store: Store, base: str) -> bytes:
+def read_base(store: Store, base: str) -> bytes:
+    """The whole of blob ``base``, to serve as the prefix.
+
+    Raises:
+        DeltaTooLarge: it is larger than MAX_BASE.
+    """
     recipe = store.get_recipe(base)
     if recipe.size > MAX_BASE:
         raise DeltaTooLarge(f"base {base} is {recipe.size} bytes; at most {MAX_BASE} are held")
     return b"".join(store.get_chunks(recipe.ids))
 
 
-def encode(store: Store, target: str, base: str) -> Iterator[bytes]:
-    """The zstd frame of ``target`` with ``base`` as its prefix, in pieces."""
-    prefix = _prefix(store, base)
-    size = store.get_recipe(target).size
-    comp = ZstdCompressor(
-        options={
-            CompressionParameter.compression_level: LEVEL,
-            CompressionParameter.window_log: _window_log(len(prefix), size),
-            CompressionParameter.enable_long_distance_matching: 1,
-        },
-        zstd_dict=ZstdDict(prefix, is_raw=True).as_prefix,
-    )
-    comp.set_pledged_input_size(size)  # the frame states its size: the decoder bounds it
-    for piece in iter_blob(store, target):
-        if out := comp.compress(piece):
-            yield out
-    yield comp.flush()
+class Encoder:
+    """The zstd frame of ``target`` with ``base`` as its prefix, made a step at a time:
+    each :meth:`step` encodes about STEP_BYTES of the target and flushes what it made, so
+    the receiver decodes a piece while the next one is encoded. Worker-thread calls, one
+    at a time."""
+
+    def __init__(self, store: Store, target: str, base: str) -> None:
+        self._prefix = read_base(store, base)
+        self.target_size = store.get_recipe(target).size
+        self._comp = ZstdCompressor(
+            options={
+                CompressionParameter.compression_level: LEVEL,
+                CompressionParameter.window_log: _window_log(len(self._prefix), self.target_size),
+                CompressionParameter.enable_long_distance_matching: 1,
+            },
+            zstd_dict=ZstdDict(self._prefix, is_raw=True).as_prefix,
+        )
+        # The frame states its size: the decoder bounds its output by it.
+        self._comp.set_pledged_input_size(self.target_size)
+        self._input = iter_blob(store, target)
+        self._done = False
+
+    def step(self) -> bytes | None:
+        """The next piece of the frame (may be empty), or None after the last."""
+        if self._done:
+            return None
+        out, taken = [], 0
+        for data in self._input:
+            out.append(self._comp.compress(data))
+            taken += len(data)
+            if taken >= STEP_BYTES:
+                out.append(self._comp.flush(ZstdCompressor.FLUSH_BLOCK))
+                return b"".join(out)
+        out.append(self._comp.flush())
+        self._done = True
+        self._prefix = b""
+        return b"".join(out)
 
 
-def make(store: Store, target: str, base: str) -> dict[str, Any]:
-    """Store the delta of ``target`` against ``base`` as an unnamed blob (collected after
-    the GC grace period, like any unnamed blob) and describe it."""
-    started = time.monotonic()
-    size = store.get_recipe(target).size
-    digest = put_stream(store, IterReader(encode(store, target, base)), Chunker())  # type: ignore[arg-type]
-    return {
-        "digest": digest,
-        "size": store.get_recipe(digest).size,
-        "target_size": size,
-        "seconds": round(time.monotonic() - started, 4),
-    }
+def encode(store: Store, target: str, base: str) -> bytes:
+    """The whole frame at once (tests, small blobs)."""
+    enc = Encoder(store, target, base)
+    return b"".join(iter(enc.step, None))
 
 
-def decode(store: Store, delta: str, base: str, size: int) -> Iterator[bytes]:
-    """The bytes the delta blob ``delta`` encodes against ``base``, which must come to
-    exactly ``size`` bytes, in pieces.
+def decode(pieces: Iterable[bytes], prefix: bytes, size: int, target: str) -> Iterator[bytes]:
+    """The bytes the frame arriving as ``pieces`` encodes against ``prefix``, which must
+    come to exactly ``size`` bytes, in pieces of at most PIECE bytes.
 
     Raises:
-        DigestMismatch: the delta does not decode, decodes to another size, or has bytes
-            after its frame.
+        DigestMismatch: the frame does not decode, decodes to another size, ends early or
+            has bytes after it (named after ``target``, the blob it should have made).
     """
-    prefix = _prefix(store, base)
     dec = ZstdDecompressor(
         zstd_dict=ZstdDict(prefix, is_raw=True).as_prefix,
         options={DecompressionParameter.window_log_max: MAX_WINDOW_LOG},
     )
     made = 0
     try:
-        for data in iter_blob(store, delta):
+        for data in pieces:
             if dec.eof and data:
-                raise DigestMismatch(delta, "a delta with bytes after its zstd frame")
+                raise DigestMismatch(target, "a delta with bytes after its zstd frame")
             while not dec.eof:
                 out = dec.decompress(data, max_length=PIECE)
                 data = b""
                 made += len(out)
                 if made > size:
-                    raise DigestMismatch(delta, f"a delta decoding to more than {size} bytes")
+                    raise DigestMismatch(target, f"a delta decoding to more than {size} bytes")
                 if out:
                     yield out
                 if dec.needs_input:
                     break
     except ZstdError as exc:
-        raise DigestMismatch(delta, f"a delta that does not decode: {exc}") from None
+        raise DigestMismatch(target, f"a delta that does not decode: {exc}") from None
     if dec.unused_data:
-        raise DigestMismatch(delta, "a delta with bytes after its zstd frame")
+        raise DigestMismatch(target, "a delta with bytes after its zstd frame")
     if not dec.eof or made != size:
-        raise DigestMismatch(delta, f"a delta decoding to {made} of {size} bytes")
+        raise DigestMismatch(target, f"a delta decoding to {made} of {size} bytes")
 
 
 def rebuild(
     store: Store,
-    delta: str,
+    pieces: Iterable[bytes],
     base: str,
     target: str,
     size: int,
     cut: Callable[[Any], Iterator[Any]],
     tee: Callable[[bytes], None] | None = None,
 ) -> None:
-    """Decode ``delta`` against ``base``, cut the result with ``cut`` (a stream in, chunks
-    out), store it and commit it as ``target`` once its digest is checked; ``tee`` is
-    handed its bytes in order. Worker thread.
+    """Decode the delta arriving as ``pieces`` against ``base``, cut the result with
+    ``cut`` (a stream in, chunks out), store it and commit it as ``target`` once its
+    digest is checked; ``tee`` is handed its bytes in order. Worker thread: ``pieces``
+    may block while the next piece crosses.
 
     Raises:
         DigestMismatch: the result is not ``target``; nothing of it is visible.
+        DeltaTooLarge: ``base`` is larger than MAX_BASE.
     """
+    prefix = read_base(store, base)
 
     def teed() -> Iterator[bytes]:
-        for piece in decode(store, delta, base, size):
+        for piece in decode(pieces, prefix, size, target):
             if tee is not None:
                 tee(piece)
             yield piece
@@ -200,9 +226,29 @@ def rebuild(
         w.commit()
 
 
-@ops.operation("blob.delta", Scope.READ, "encode a blob against another as a zstd prefix")
+@ops.operation("blob.delta", Scope.READ, "stream a blob encoded against another as prefix")
 async def _delta(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Document:
-    # Read scope: what it stores is derived from blobs the caller may read, and unnamed,
-    # so collected after the GC grace period like any unnamed blob.
+    # Read scope: it only reads blobs the caller may read. The pieces go out while the
+    # next ones are encoded (two in hand at most).
     target, base = ops.arg_str(args, "target"), ops.arg_str(args, "base")
-    return dict(await ctx.run(make, ctx.store, target, base))
+    started = time.monotonic()
+    enc: Encoder = await ctx.run(Encoder, ctx.store, target, base)
+    pieces_in, pieces_out = trio.open_memory_channel[bytes](2)
+    sent = 0
+
+    async def produce() -> None:
+        async with pieces_in:
+            while (piece := await ctx.run(enc.step)) is not None:
+                if piece:
+                    await pieces_in.send(piece)
+
+    async with open_nursery() as nursery, pieces_out:
+        nursery.start_soon(produce)
+        async for piece in pieces_out:
+            await progress.data(piece)
+            sent += len(piece)
+    return {
+        "size": sent,
+        "target_size": enc.target_size,
+        "seconds": round(time.monotonic() - started, 4),
+    }

@@ -74,6 +74,12 @@ WIRE_LEVEL = 1
 # fetch_chunks stops asking for deltas while more than this share of its time goes into
 # waiting for its sink (the receiver's CPU or disk is the bottleneck, not the link).
 SINK_BOUND = 0.5
+# A reply route that is closed at either end: its request was given up.
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+# How long giving up a streamed CALL may wait to tell the server.
+CANCEL_SEND_S = 1.0
+#: Pieces of a streamed CALL (CALL_DATA) held for a slow sink before the connection waits.
+CALL_DATA_WINDOW = 16
 # Delta bases: how much of an old version a chunk is encoded against, and from what size
 # on a chunk is worth it (the same rule as casd.replicate.choose_bases).
 MIN_DELTA_CHUNK = 2048
@@ -149,19 +155,32 @@ class Client:
                     return
                 route = self._routes.get(ev.rid)
                 if route is not None:
-                    route.send_nowait(ev)
+                    try:
+                        route.send_nowait(ev)
+                    except trio.WouldBlock:
+                        # Only a bounded route (a streamed CALL) fills up: its reader
+                        # paces the stream, and the connection waits for it.
+                        with contextlib.suppress(
+                            trio.BrokenResourceError, trio.ClosedResourceError
+                        ):
+                            await route.send(ev)
+                    except _GONE:
+                        pass  # the request was given up meanwhile
         except (PeerGone, casproto.ProtocolError) as exc:
             self._failure = PeerGone(f"connection to {self.peer.ident} failed: {exc}")
         finally:
             for route in self._routes.values():
                 route.close()
 
-    def _open(self) -> tuple[int, trio.MemoryReceiveChannel[casproto.Message]]:
+    def _open(
+        self, bound: float = math.inf
+    ) -> tuple[int, trio.MemoryReceiveChannel[casproto.Message]]:
         if self._failure is not None:
             raise self._failure
         rid = next(self._rids)
-        # Unbounded: every stream of replies is bounded by the window of its request.
-        send, recv = trio.open_memory_channel[casproto.Message](math.inf)
+        # Unbounded by default: every stream of replies is bounded by the window of its
+        # request. A streamed CALL, whose length the server decides, is bounded here.
+        send, recv = trio.open_memory_channel[casproto.Message](bound)
         self._routes[rid] = send
         return rid, recv
 
@@ -286,6 +305,42 @@ class Client:
             raise
         finally:
             self._close(rid)
+
+    async def call_stream(
+        self,
+        op: str,
+        args: dict[str, Any],
+        sink: Callable[[bytes], Awaitable[None]],
+    ) -> dict[str, Any]:
+        """Run an operation that streams (SPEC §4.5, CALL_DATA): ``sink`` is awaited with
+        each piece, in order, and may take its time (at most CALL_DATA_WINDOW pieces wait
+        here; beyond that the connection waits). Returns the result; raises as :meth:`call`.
+        """
+        rid, recv = self._open(CALL_DATA_WINDOW)
+        ended = False
+        try:
+            await self.peer.send(casproto.Call(rid, op, dict(args)))
+            while True:
+                reply = await self._reply(recv)
+                if isinstance(reply, casproto.CallDone):
+                    ended = True
+                    return dict(reply.result)
+                if isinstance(reply, casproto.CallData):
+                    await sink(bytes(reply.data))  # bytes already when received: no copy
+        except PeerRefused:
+            ended = True  # the ERROR ended it
+            raise
+        finally:
+            self._close(rid)
+            if not ended and self._failure is None:
+                # Given up here (the sink failed, or we were cancelled): the server stops
+                # producing. Best effort, and never a wait on a stuck connection.
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(CANCEL_SEND_S),
+                    contextlib.suppress(CasdError, *_GONE),
+                ):
+                    await self.peer.send(casproto.Cancel(rid))
 
     # --- push --------------------------------------------------------------------------
 

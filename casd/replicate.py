@@ -31,7 +31,14 @@ import trio
 from casd import blobdelta
 from casd.chunking import Chunker, format_digest
 from casd.client import Client, VerifiedChunk
-from casd.errors import DigestMismatch, NoSpace, PeerRefused, StoreError, UserError
+from casd.errors import (
+    CasdError,
+    DigestMismatch,
+    NoSpace,
+    PeerRefused,
+    StoreError,
+    UserError,
+)
 from casd.leases import leases_for
 from casd.nursery import open_nursery
 from casd.refs import is_digest
@@ -56,6 +63,8 @@ RECIPE_PREFETCH = 8
 #: Batches of fetched chunks that may wait for the blob hash (a batch is at most
 #: PULL_BATCH_BYTES): the bound on memory when hashing lags behind the link.
 HASH_LAG_BATCHES = 16
+#: Pieces of a whole-blob delta that may wait for the rebuild before the transfer waits.
+DELTA_PIECES_AHEAD = 4
 
 Run = Callable[..., Awaitable[Any]]  # runs a sync store call in a worker thread
 
@@ -621,30 +630,53 @@ async def _copy_as_delta(
     tee: Callable[[str], Callable[[bytes], None] | None] | None,
 ) -> None:
     """Copy ``recipe.digest`` as one whole-blob delta against ``base``, held here and
-    (the source is asked) there: the source stores the delta as a blob, this side fetches
-    that like any blob and rebuilds the target from it, checking its digest."""
+    (the source is asked) there: the source streams the delta while it encodes it, and
+    this side rebuilds the target as the pieces arrive, checking its digest."""
     digest = recipe.digest
-    made = await src.call("blob.delta", {"target": digest, "base": base})
-    delta = made.get("digest")
-    if not isinstance(delta, str):
-        raise UserError(f"source {src.peer.ident} answered blob.delta without a digest")
-    part = await sync_into_store(src, store, run, [(delta, delta)])
-    _merge_counts(report, part)
     cutter = cut(digest) if cut is not None else Chunker().cut_stream
     feed = tee(digest) if tee is not None else None
-    await run(blobdelta.rebuild, store, delta, base, digest, recipe.size, cutter, feed)
+    pieces_in, pieces_out = trio.open_memory_channel[bytes](DELTA_PIECES_AHEAD)
+    token = trio.lowlevel.current_trio_token()
+    made: dict[str, Any] = {}
+    failed: list[CasdError] = []
+
+    def pieces() -> Iterator[bytes]:
+        # In the rebuilding worker thread: each piece as it crosses.
+        while True:
+            try:
+                yield trio.from_thread.run(pieces_out.receive, trio_token=token)
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+
+    async def fetch() -> None:
+        async with pieces_in:
+            try:
+                made.update(
+                    await src.call_stream(
+                        "blob.delta", {"target": digest, "base": base}, pieces_in.send
+                    )
+                )
+            except CasdError as exc:
+                # The rebuild then sees the stream end early; the cause is this.
+                failed.append(exc)
+            except trio.BrokenResourceError:
+                pass  # the rebuild stopped first: it has the error
+
+    try:
+        async with open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            async with pieces_out:
+                await run(
+                    blobdelta.rebuild, store, pieces(), base, digest, recipe.size, cutter, feed
+                )
+    except CasdError:
+        if failed:
+            raise failed[0] from None
+        raise
+    if failed:
+        raise failed[0]
     report.blobs_as_delta += 1
     report.blob_delta_bytes += int(made.get("size", 0))
-
-
-def _merge_counts(report: SyncReport, part: SyncReport) -> None:
-    # What a nested sync moved counts in the outer one (wire bytes are counted there).
-    report.chunks_fetched += part.chunks_fetched
-    report.bytes_fetched += part.bytes_fetched
-    report.bytes_raw_fetched += part.bytes_raw_fetched
-    report.stream_wire += part.stream_wire
-    report.stream_s += part.stream_s
-    report.stream_raw += part.stream_raw
 
 
 def _progress(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from casd.auth import Scope
 from casd.errors import UserError
@@ -19,7 +19,20 @@ from casd.errors import UserError
 if TYPE_CHECKING:
     from casd.server.service import ServerContext
 
-Progress = Callable[[dict[str, int | float | str]], Awaitable[None]]
+
+class Progress(Protocol):
+    """How an operation reports while it runs: ``await progress(counters)`` sends a
+    CALL_PROGRESS (at most a few a second unless ``force``); ``await progress.data(piece)``
+    sends the next piece of the operation's byte stream as CALL_DATA, for operations that
+    stream (it waits while the connection is busy: the receiver paces the stream)."""
+
+    async def __call__(
+        self, progress: dict[str, int | float | str], force: bool = False
+    ) -> None: ...
+
+    async def data(self, piece: bytes) -> None: ...
+
+
 Document = dict[str, Any]
 Run = Callable[["ServerContext", Document, Progress], Awaitable[Document]]
 

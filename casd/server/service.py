@@ -231,6 +231,18 @@ class _Turnstile:
                 self._changed.notify_all()
 
 
+class _CallReplies(Throttle):
+    """What a CALL's operation reports through (ops.Progress): throttled CALL_PROGRESS,
+    and CALL_DATA pieces, each sent as it comes."""
+
+    def __init__(self, peer: PeerConnection, rid: int) -> None:
+        super().__init__(lambda progress: peer.send(casproto.CallProgress(rid, progress)))
+        self._peer, self._rid = peer, rid
+
+    async def data(self, piece: bytes) -> None:
+        await self._peer.send(casproto.CallData(self._rid, piece))
+
+
 class _Request:
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
@@ -756,10 +768,7 @@ class Session:
                 f"{op.name} needs a {op.scope.name.lower()} token; this connection's "
                 f"token grants {self.scope.name.lower()}"
             )
-        throttle = Throttle(
-            lambda progress: self.peer.send(casproto.CallProgress(ev.rid, progress))
-        )
-        result = await op.run(self.ctx, dict(ev.args), throttle)
+        result = await op.run(self.ctx, dict(ev.args), _CallReplies(self.peer, ev.rid))
         log.info("%s: %s done", self.peer.ident, op.name)
         await self.peer.send(casproto.CallDone(ev.rid, result))
 

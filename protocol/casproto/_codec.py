@@ -22,6 +22,7 @@ from ._messages import (
     MESSAGE_CLASSES,
     BlobInfo,
     Call,
+    CallData,
     CallDone,
     CallProgress,
     Cancel,
@@ -398,6 +399,7 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
     ChunkPack: (("codec", _codec), ("lengths", _lengths), ("data", _data)),
     CallProgress: (("progress", _stats),),
     CallDone: (("result", _doc),),
+    CallData: (("data", _data),),
 }
 
 

@@ -409,6 +409,15 @@ class CallDone(Message):
     result: dict[str, object]
 
 
+@dataclass(frozen=True, slots=True)
+class CallData(Message):
+    """S→C: the next piece of the byte stream a CALL produces, for operations that say
+    they stream (``blob.delta.stream``). Not terminal; pieces arrive in order."""
+
+    TYPE: ClassVar[int] = 73
+    data: bytes | bytearray | memoryview
+
+
 #: Every concrete message class, in type-code order.
 MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Hello,
@@ -446,4 +455,5 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Call,
     CallProgress,
     CallDone,
+    CallData,
 )

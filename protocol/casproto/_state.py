@@ -24,6 +24,7 @@ from ._errors import ErrorCode, LocalProtocolError
 from ._messages import (
     BlobInfo,
     Call,
+    CallData,
     CallDone,
     CallProgress,
     Cancel,
@@ -121,7 +122,7 @@ _FOLLOW_UPS: Final[
     ),
     Sync: (frozenset(), frozenset({SyncProgress, SyncDone})),
     Fsck: (frozenset(), frozenset({FsckDone})),
-    Call: (frozenset(), frozenset({CallProgress, CallDone})),
+    Call: (frozenset(), frozenset({CallProgress, CallData, CallDone})),
 }
 
 
@@ -276,7 +277,7 @@ class _PushRequest(_Request):
 
 
 class _CallRequest(_Request):
-    """CALL: any number of CALL_PROGRESS, then CALL_DONE."""
+    """CALL: any number of CALL_PROGRESS and CALL_DATA, then CALL_DONE."""
 
     __slots__ = ()
 

@@ -26,6 +26,7 @@ from casproto import (
     PROTOCOL_VERSION,
     BlobInfo,
     Call,
+    CallData,
     CallDone,
     CallProgress,
     Cancel,
@@ -126,6 +127,7 @@ VECTORS: dict[str, Message] = {
     "chunk_pack_raw": ChunkPack(70001, Codec.RAW, (len(ONE), len(TWO)), ONE + TWO),
     "call": Call(100, "gc", {"dry_run": True, "grace_s": 3600}),
     "call_progress": CallProgress(100, {"chunks_scanned": 512}),
+    "call_data": CallData(100, b"\x28\xb5\x2f\xfd-piece"),
     "call_done": CallDone(
         100, {"chunks_deleted": 2, "bytes_freed": 131072, "layers": ({"digest": DIGEST},)}
     ),

@@ -1,17 +1,19 @@
 """Whole-blob deltas (casd.blobdelta, issue #7): a blob travels as one zstd frame with its
-old version as prefix; the receiver rebuilds it from its own copy of the old version, and
-what it stores is checked against the digest, whatever the delta or the base holds. A
-sync uses one only where the link is slow enough for it to pay, and falls back to chunks
-when it cannot."""
+old version as prefix, streamed as it is encoded; the receiver rebuilds it from its own
+copy of the old version as the pieces arrive, and what it stores is checked against the
+digest, whatever the delta or the base holds. A sync uses one only where the link is slow
+enough for it to pay, and falls back to chunks when it cannot."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import random
+import time
 from typing import Any
 
 import pytest
+import trio
 
 from casd import blobdelta
 from casd.blobdelta import Link
@@ -24,7 +26,9 @@ from tests.casd.server.test_service import client_for
 
 
 async def run(fn: Any, *args: Any) -> Any:
-    return fn(*args)
+    # As the daemon runs store calls: in a worker thread (a rebuild waits there for the
+    # pieces that are still crossing).
+    return await trio.to_thread.run_sync(fn, *args)
 
 
 def versions(size: int = 2_000_000, seed: int = 7) -> tuple[bytes, bytes]:
@@ -43,26 +47,29 @@ def digest_of(data: bytes) -> str:
     return format_digest(hashlib.sha256(data).digest())
 
 
-def delta_between(old: bytes, new: bytes) -> tuple[MemoryStore, str, str, dict[str, Any]]:
+def delta_between(old: bytes, new: bytes) -> tuple[MemoryStore, str, str, list[bytes]]:
+    """The source's store, the two digests, and the delta's pieces as the source sends them."""
     src = MemoryStore()
     base = store_blob(src, old).digest
     target = store_blob(src, new).digest
-    return src, base, target, blobdelta.make(src, target, base)
+    enc = blobdelta.Encoder(src, target, base)
+    assert enc.target_size == len(new)
+    return src, base, target, list(iter(enc.step, None))
 
 
-def test_a_new_version_rebuilds_from_a_small_delta_and_the_old_one() -> None:
+def test_a_new_version_rebuilds_from_a_small_delta_and_the_old_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(blobdelta, "STEP_BYTES", 256 * 1024)  # several pieces
     old, new = versions()
-    src, base, target, made = delta_between(old, new)
-    assert made["target_size"] == len(new)
-    assert made["size"] < len(new) // 20  # chunks of the new version would all be new
+    _src, base, target, pieces = delta_between(old, new)
+    assert len([p for p in pieces if p]) > 3  # it streams: pieces come as input is taken
+    assert sum(map(len, pieces)) < len(new) // 20  # chunks of the new version: all new
 
     dst = MemoryStore()
     store_blob(dst, old)
-    store_blob(dst, read_blob(src, made["digest"]))
     seen: list[bytes] = []
-    blobdelta.rebuild(
-        dst, made["digest"], base, target, len(new), Chunker().cut_stream, seen.append
-    )
+    blobdelta.rebuild(dst, iter(pieces), base, target, len(new), Chunker().cut_stream, seen.append)
     assert read_blob(dst, target) == new
     assert b"".join(seen) == new  # the tee is handed every byte, in order
 
@@ -70,38 +77,42 @@ def test_a_new_version_rebuilds_from_a_small_delta_and_the_old_one() -> None:
 @pytest.mark.parametrize("damage", ["flipped-byte", "wrong-base"])
 def test_a_bad_delta_or_base_stores_nothing_visible(damage: str) -> None:
     old, new = versions()
-    src, base, target, made = delta_between(old, new)
+    _src, base, target, pieces = delta_between(old, new)
     dst = MemoryStore()
-    delta = read_blob(src, made["digest"])
+    delta = b"".join(pieces)
     if damage == "flipped-byte":
         store_blob(dst, old)
         delta = delta[:-100] + bytes([delta[-100] ^ 1]) + delta[-99:]
     else:  # the receiver's "old version" is another blob of the same size
         base = store_blob(dst, os.urandom(len(old))).digest
-    bad = store_blob(dst, delta).digest
     with pytest.raises(DigestMismatch):
-        blobdelta.rebuild(dst, bad, base, target, len(new), Chunker().cut_stream)
+        blobdelta.rebuild(dst, iter([delta]), base, target, len(new), Chunker().cut_stream)
+    assert not dst.has_blob(target)
+
+
+def test_a_delta_cut_short_stores_nothing_visible() -> None:
+    old, new = versions()
+    _src, base, target, pieces = delta_between(old, new)
+    dst = MemoryStore()
+    store_blob(dst, old)
+    short = b"".join(pieces)[:-50]  # the connection broke before the last piece
+    with pytest.raises(DigestMismatch, match="decoding to"):
+        blobdelta.rebuild(dst, iter([short]), base, target, len(new), Chunker().cut_stream)
     assert not dst.has_blob(target)
 
 
 def test_a_delta_that_decodes_to_more_than_the_target_size_is_refused() -> None:
     old, new = versions(200_000)
-    src, base, _target, made = delta_between(old, new)
-    dst = MemoryStore()
-    store_blob(dst, old)
-    store_blob(dst, read_blob(src, made["digest"]))
+    _src, _base, target, pieces = delta_between(old, new)
     with pytest.raises(DigestMismatch, match="more than"):
-        list(blobdelta.decode(dst, made["digest"], base, len(new) - 1))
+        list(blobdelta.decode(iter(pieces), old, len(new) - 1, target))
 
 
 def test_a_delta_with_bytes_after_its_frame_is_refused() -> None:
     old, new = versions(200_000)
-    src, base, _target, made = delta_between(old, new)
-    dst = MemoryStore()
-    store_blob(dst, old)
-    padded = store_blob(dst, read_blob(src, made["digest"]) + b"trailing").digest
+    _src, _base, target, pieces = delta_between(old, new)
     with pytest.raises(DigestMismatch, match="after its zstd frame"):
-        list(blobdelta.decode(dst, padded, base, len(new)))
+        list(blobdelta.decode(iter([*pieces, b"trailing"]), old, len(new), target))
 
 
 def test_a_base_beyond_the_memory_budget_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +121,11 @@ def test_a_base_beyond_the_memory_budget_is_refused(monkeypatch: pytest.MonkeyPa
     base, target = store_blob(src, old).digest, store_blob(src, new).digest
     monkeypatch.setattr(blobdelta, "MAX_BASE", 100_000)
     with pytest.raises(blobdelta.DeltaTooLarge):
-        blobdelta.make(src, target, base)
+        blobdelta.Encoder(src, target, base)
+    dst = MemoryStore()
+    store_blob(dst, old)
+    with pytest.raises(blobdelta.DeltaTooLarge):  # and the receiver will not hold it either
+        blobdelta.rebuild(dst, iter([b""]), base, target, len(new), Chunker().cut_stream)
 
 
 def test_it_pays_on_a_slow_link_only() -> None:
@@ -146,6 +161,56 @@ async def test_when_the_source_lacks_the_base_the_sync_falls_back_to_chunks() ->
     store_blob(src, new, "blob")
     async with client_for(src) as c:
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
+    assert report.blobs_as_delta == 0
+    assert report.chunks_fetched > 0
+    assert read_blob(dst, dst.resolve("blob")) == new
+
+
+async def test_a_long_stream_is_paced_by_the_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
+    # More pieces than the client holds (CALL_DATA_WINDOW) and the sync queues
+    # (DELTA_PIECES_AHEAD), taken slowly: the connection waits for the rebuild, and
+    # nothing is lost or reordered.
+    monkeypatch.setattr(blobdelta, "STEP_BYTES", 32 * 1024)
+    real = blobdelta.rebuild
+
+    def slow_rebuild(store: Any, pieces: Any, *args: Any) -> None:
+        def slowly() -> Any:
+            for piece in pieces:
+                time.sleep(0.002)
+                yield piece
+
+        real(store, slowly(), *args)
+
+    monkeypatch.setattr(blobdelta, "rebuild", slow_rebuild)
+    old, new = versions()
+    src, dst = MemoryStore(), MemoryStore()
+    store_blob(src, old, "blob")
+    store_blob(dst, old, "blob")
+    store_blob(src, new, "blob")
+    async with client_for(src) as c:
+        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
+    assert report.blobs_as_delta == 1
+    assert read_blob(dst, dst.resolve("blob")) == new
+
+
+async def test_a_rebuild_that_fails_midway_falls_back_to_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(blobdelta, "STEP_BYTES", 32 * 1024)
+
+    def failing_rebuild(store: Any, pieces: Any, base: str, target: str, *args: Any) -> None:
+        next(iter(pieces))  # the stream is under way
+        raise DigestMismatch(target, "a damaged base, say")
+
+    monkeypatch.setattr(blobdelta, "rebuild", failing_rebuild)
+    old, new = versions()
+    src, dst = MemoryStore(), MemoryStore()
+    store_blob(src, old, "blob")
+    store_blob(dst, old, "blob")
+    store_blob(src, new, "blob")
+    async with client_for(src) as c:
+        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
+        assert await c.stat("blob")  # the connection still serves after the abandoned stream
     assert report.blobs_as_delta == 0
     assert report.chunks_fetched > 0
     assert read_blob(dst, dst.resolve("blob")) == new

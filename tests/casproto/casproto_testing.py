@@ -17,6 +17,7 @@ from casproto import (
     PROTOCOL_VERSION,
     BlobInfo,
     Call,
+    CallData,
     CallDone,
     CallProgress,
     Cancel,
@@ -268,6 +269,7 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
     ),
     CallProgress: st.builds(CallProgress, rids, st.dictionaries(texts, stat_values, max_size=6)),
     CallDone: st.builds(CallDone, rids, documents()),
+    CallData: st.builds(CallData, rids, st.binary(max_size=64)),
 }
 assert MESSAGES.keys() == set(casproto.MESSAGE_CLASSES)
 

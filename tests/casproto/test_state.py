@@ -9,6 +9,7 @@ from casproto import (
     MESSAGE_CLASSES,
     BlobInfo,
     Call,
+    CallData,
     CallDone,
     CallProgress,
     Cancel,
@@ -58,7 +59,7 @@ from hypothesis import strategies as st
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
 CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync, Fsck, Call, ChunkDelta}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
-SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone, CallProgress, CallDone, ChunkPack}
+SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone, CallProgress, CallDone, CallData, ChunkPack}
 BOTH_SEND = {Chunk, Error}
 
 
