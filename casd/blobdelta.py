@@ -71,19 +71,20 @@ CPU_PER_BYTE = 15e-9
 @dataclass(frozen=True)
 class Link:
     """What a chunk stream from a source measured: its rate (bytes/s), and the wire bytes
-    it took per raw byte of chunk (compression and chunk deltas included)."""
+    it took per raw byte of chunk (compression and chunk deltas included; reported)."""
 
     rate: float
     wire_per_raw: float
 
 
-def pays(missing_raw: int, target_size: int, link: Link | None) -> bool:
-    """Whether a whole-blob delta should beat fetching the ``missing_raw`` bytes of chunks
-    a blob of ``target_size`` bytes lacks, over ``link`` as the last chunk stream from
-    that source found it. With nothing measured, no: the chunk transfer measures it."""
+def pays(chunk_wire: float, target_size: int, link: Link | None) -> bool:
+    """Whether a whole-blob delta should beat fetching the chunks a blob of
+    ``target_size`` bytes lacks, which would put about ``chunk_wire`` bytes on a link
+    that the last chunk stream from that source found as ``link``. With nothing
+    measured, no: the chunk transfer measures it."""
     if link is None or link.rate <= 0 or target_size > MAX_TARGET:
         return False
-    saved = missing_raw * link.wire_per_raw * (1 - DELTA_SHARE)
+    saved = chunk_wire * (1 - DELTA_SHARE)
     return saved / link.rate > target_size * CPU_PER_BYTE
 
 

@@ -311,6 +311,13 @@ class DiskStore:
             i = j
         return out
 
+    def stored_bytes(self, ids: Sequence[bytes]) -> int:
+        try:
+            with self._env.begin(db=self._chunks) as txn:
+                return sum(self._locate(txn, cid).stored_len for cid in ids)
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "looking up chunks") from exc
+
     def put_chunks(self, chunks: Sequence[ChunkIn], *, verify: bool = True) -> PutResult:
         # Skip what is held before spending CPU on hashing and compression.
         present = self.has_chunks([c.id for c in chunks])

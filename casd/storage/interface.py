@@ -158,6 +158,15 @@ class ChunkReader(Protocol):
         """
         ...
 
+    def stored_bytes(self, ids: Sequence[bytes]) -> int:
+        """How many bytes the chunks take as stored (compressed), without reading them:
+        what sending them as they are would cost.
+
+        Raises:
+            ChunkMissing: one of them is not held.
+        """
+        ...
+
     def get_stored(self, chunk_id: bytes) -> StoredChunk:
         """The chunk as stored (possibly compressed), checked against its checksum.
 

@@ -68,6 +68,9 @@ class MemoryStore:
     def get_chunks(self, ids: Sequence[bytes]) -> list[bytes]:
         return [self.get_chunk(i) for i in ids]
 
+    def stored_bytes(self, ids: Sequence[bytes]) -> int:
+        return sum(len(self.get_stored(i).payload) for i in ids)
+
     def put_chunks(self, chunks: Sequence[ChunkIn], *, verify: bool = True) -> PutResult:
         prepared: dict[bytes, StoredChunk] = {}
         for c in chunks:

@@ -129,6 +129,8 @@ class StoreConformance:
             # Many at once, in any order and with repeats, as one by one.
             ids = [c.id for c in chunks] + [c.id for c in reversed(chunks)]
             assert store.get_chunks(ids) == [store.get_chunk(i) for i in ids]
+            # What they take as stored, counted without reading them.
+            assert store.stored_bytes(ids) == sum(len(store.get_stored(i).payload) for i in ids)
 
     def test_get_chunks_of_an_unknown_chunk_is_missing(self, store: Store) -> None:
         c = make_chunk(b"known" * 100)
@@ -136,6 +138,8 @@ class StoreConformance:
         with pytest.raises(ChunkMissing) as info:
             store.get_chunks([c.id, b"\x01" * 32, c.id])
         assert info.value.chunk_id == b"\x01" * 32
+        with pytest.raises(ChunkMissing):
+            store.stored_bytes([c.id, b"\x01" * 32])
 
     # blobs -------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from casd import blobdelta
 from casd.blobdelta import Link
 from casd.chunking import Chunker, format_digest
 from casd.errors import DigestMismatch
-from casd.replicate import sync_into_store
+from casd.replicate import _chunk_wire, sync_into_store
 from casd.storage.memory import MemoryStore
 from casd.storage.testing import read_blob, store_blob
 from tests.casd.server.test_service import client_for
@@ -129,14 +129,21 @@ def test_a_base_beyond_the_memory_budget_is_refused(monkeypatch: pytest.MonkeyPa
 
 
 def test_it_pays_on_a_slow_link_only() -> None:
-    missing, size = 100_000_000, 300_000_000  # a third of a 300 MB layer is new
-    # Chunks crossed at 0.4 wire bytes per raw byte; half of that is saved.
-    assert blobdelta.pays(missing, size, Link(1e6, 0.4))  # 8 Mbit/s: 20 s of link saved
-    assert not blobdelta.pays(missing, size, Link(125e6, 0.4))  # 1 Gbit/s: 0.16 s
-    assert not blobdelta.pays(missing, size, None)  # unmeasured: the chunks measure it
-    assert not blobdelta.pays(1_000_000, size, Link(1e6, 0.4))  # little is new
-    # Chunk deltas already shrink what crosses to 0.1: too little left to save.
-    assert not blobdelta.pays(missing, size, Link(2.5e6, 0.1))
+    chunk_wire, size = 40_000_000, 300_000_000  # the chunks of a 300 MB layer: 40 MB
+    # A delta half that size saves 20 MB of link time, against 4.5 s of CPU.
+    assert blobdelta.pays(chunk_wire, size, Link(1e6, 0.4))  # 8 Mbit/s: 20 s saved
+    assert not blobdelta.pays(chunk_wire, size, Link(125e6, 0.4))  # 1 Gbit/s: 0.16 s
+    assert not blobdelta.pays(chunk_wire, size, None)  # unmeasured: the chunks measure it
+    assert not blobdelta.pays(400_000, size, Link(1e6, 0.4))  # little would cross anyway
+
+
+def test_what_the_chunks_would_move_is_judged_by_how_the_old_version_compresses() -> None:
+    store = MemoryStore()
+    text = store_blob(store, b"".join(b"line %d of a source file\n" % i for i in range(200_000)))
+    noise = store_blob(store, os.urandom(2_000_000))
+    need = [(b"\x01" * 32, 1_000_000)]  # a megabyte of chunks missing
+    assert _chunk_wire(store, need, text.digest) < 300_000  # compresses well: less crosses
+    assert _chunk_wire(store, need, noise.digest) > 950_000  # kept raw: all of it
 
 
 async def test_a_sync_over_a_slow_link_moves_a_whole_blob_delta() -> None:
