@@ -22,10 +22,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, BinaryIO, NoReturn
 
 import casproto
 import trio
+import xxhash
 
 from casd import __version__, zstd
 from casd.chunking import EMPTY_DIGEST, Chunker, ChunkerParams, chunk_id, format_digest
@@ -78,6 +80,8 @@ SINK_BOUND = 0.5
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 # How long giving up a streamed CALL may wait to tell the server.
 CANCEL_SEND_S = 1.0
+# The most entries a recipe delta may decode to (a 1 TB blob of 64 KiB chunks has 16 M).
+MAX_RECIPE_ENTRIES = 1 << 24
 #: Pieces of a streamed CALL (CALL_DATA) held for a slow sink before the connection waits.
 CALL_DATA_WINDOW = 16
 # Delta bases: how much of an old version a chunk is encoded against, and from what size
@@ -514,22 +518,34 @@ class Client:
 
     # --- pull --------------------------------------------------------------------------
 
-    async def fetch_recipe(self, ref: str) -> casproto.Recipe:
-        """The whole recipe of a blob, parts joined into one Recipe."""
+    async def fetch_recipe(
+        self, ref: str, base: tuple[str, bytes] | None = None
+    ) -> casproto.Recipe:
+        """The whole recipe of a blob, parts joined into one Recipe.
+
+        ``base`` is (digest, entries): a blob this side holds that ``ref`` is likely a new
+        version of, and its recipe's entries (casproto.pack_entries). The server may then
+        send the recipe encoded against those (PULL_DELTA): the entries both versions
+        share cost next to nothing, only new ids cross.
+        """
         rid, recv = self._open()
         ids: list[bytes] = []
         sizes: list[int] = []
         try:
-            await self.peer.send(casproto.Pull(rid, ref))
+            if base is not None and casproto.RECIPE_FEATURE in self.features:
+                base_sum = xxhash.xxh3_64_intdigest(base[1])
+                await self.peer.send(casproto.PullDelta(rid, ref, base[0], base_sum))
+            else:
+                await self.peer.send(casproto.Pull(rid, ref))
             while True:
                 part = await self._reply(recv)
+                if isinstance(part, casproto.RecipeDelta):
+                    assert base is not None
+                    return self._decode_recipe(part, base[1])
                 # Sizes bound what decoding a chunk may allocate: a server that claims
                 # chunks beyond the protocol's limit is lying (a decompression bomb).
                 if part.sizes and max(part.sizes) > MAX_CHUNK_SIZE:
-                    raise PeerError(
-                        f"{self.peer.ident} sent a recipe with a {max(part.sizes)}-byte chunk; "
-                        f"chunks are at most {MAX_CHUNK_SIZE} bytes"
-                    )
+                    raise self._bad_recipe(f"a {max(part.sizes)}-byte chunk")
                 ids.extend(part.ids)
                 sizes.extend(part.sizes)
                 if part.last:
@@ -538,6 +554,32 @@ class Client:
                     )
         finally:
             self._close(rid)
+
+    def _bad_recipe(self, what: str) -> PeerError:
+        return PeerError(
+            f"{self.peer.ident} sent a recipe with {what}; chunks are at most "
+            f"{MAX_CHUNK_SIZE} bytes and a blob has at most one per byte"
+        )
+
+    def _decode_recipe(self, part: casproto.RecipeDelta, prefix: bytes) -> casproto.Recipe:
+        # The count is checked before anything is decoded: a blob has at most one chunk
+        # per byte, so a lying count cannot make us allocate more than its size would.
+        if part.count > max(part.size, 1) or part.count > MAX_RECIPE_ENTRIES:
+            raise self._bad_recipe(f"{part.count} entries for {part.size} bytes")
+        try:
+            entries = zstd.decompress_bounded(
+                part.data, part.count * casproto.ENTRY_SIZE, prefix=prefix
+            )
+            ids, sizes = casproto.unpack_entries(entries, part.count)
+        except ValueError as exc:
+            raise PeerError(
+                f"{self.peer.ident} sent a recipe delta that does not decode: {exc}"
+            ) from None
+        if sizes and max(sizes) > MAX_CHUNK_SIZE:
+            raise self._bad_recipe(f"a {max(sizes)}-byte chunk")
+        if sum(sizes) != part.size:
+            raise self._bad_recipe(f"chunks of {sum(sizes)} bytes for a blob of {part.size}")
+        return casproto.Recipe(0, part.digest, part.size, ids, sizes, True)
 
     def _push_result(
         self, done: casproto.PushDone, chunks: int, sent: int, wire_before: int, raw: int = 0
@@ -621,6 +663,7 @@ class Client:
         *,
         bases: dict[bytes, tuple[bytes, ...]] | None = None,
         read_base: Callable[[tuple[bytes, ...]], bytes] | None = None,
+        at: tuple[str, Sequence[int]] | None = None,
     ) -> int:
         """Fetch chunks by (id, size), verified, handing them to ``sink`` in order.
 
@@ -633,6 +676,10 @@ class Client:
         bytes, concatenated; runs in a worker thread), batches are asked for with
         WANT_DELTA, so the server may send each chunk encoded against its bases.
 
+        With ``at`` (a blob's digest, and the place of each of ``need`` in its recipe, in
+        ascending order), batches without deltas are asked for with WANT_AT: a bitmap of
+        places instead of 32 bytes of id per chunk.
+
         Raises:
             PeerRefused: the server lacks a chunk or failed.
             ChunkCorrupt: the server sent bytes that are not the chunk asked for.
@@ -644,17 +691,29 @@ class Client:
             and read_base is not None
             and (casproto.PREFIX_FEATURE in self.features)
         )
+        places: Sequence[int] | None = None
+        if at is not None and casproto.WANT_AT_FEATURE in self.features:
+            places = at[1]
         batches: list[tuple[bytes, ...]] = []
+        batch_places: list[tuple[int, int]] = []  # (first, past the last) index into need
         cur: list[bytes] = []
         cur_bytes = 0
-        for cid, size in need:
-            if cur and (cur_bytes + size > PULL_BATCH_BYTES or len(cur) >= casproto.MAX_BATCH):
+        first = 0
+        for k, (cid, size) in enumerate(need):
+            if cur and (
+                cur_bytes + size > PULL_BATCH_BYTES
+                or len(cur) >= casproto.MAX_BATCH
+                # A WANT_AT bitmap spans at most MAX_BATCH places.
+                or (places is not None and places[k] - places[first] >= casproto.MAX_BATCH)
+            ):
                 batches.append(tuple(cur))
-                cur, cur_bytes = [], 0
+                batch_places.append((first, k))
+                cur, cur_bytes, first = [], 0, k
             cur.append(cid)
             cur_bytes += size
         if cur:
             batches.append(tuple(cur))
+            batch_places.append((first, len(need)))
         fetched_bytes = 0
         opened_send, opened_recv = trio.open_memory_channel[
             tuple[int, trio.MemoryReceiveChannel[casproto.Message], tuple[bytes, ...]]
@@ -669,21 +728,46 @@ class Client:
         sink_share = [0.0]  # smoothed share of time receive() waits for the sink
         last = [trio.current_time()]
 
+        async def send(ids: tuple[bytes, ...], request: Callable[[int], casproto.Message]) -> None:
+            # One request for ``ids``, made by ``request(rid)``; receive() takes its answers.
+            rid, recv = self._open()
+            await self.peer.send(request(rid))
+            await opened_send.send((rid, recv, ids))
+
+        async def send_plain(ids: tuple[bytes, ...], where: Sequence[int]) -> None:
+            # ``where``: the indexes into ``need`` of ``ids``.
+            if places is None or at is None:
+                await send(ids, partial(casproto.Want, ids=ids))
+                return
+            start, wanted = places[where[0]], {places[k] for k in where}
+            bits = casproto.pack_bitmap(p in wanted for p in range(start, places[where[-1]] + 1))
+            await send(ids, partial(casproto.WantAt, digest=at[0], start=start, bitmap=bits))
+
         async def ask() -> None:
             nonlocal failure
             async with opened_send:
                 try:
-                    for ids in batches:
-                        rid, recv = self._open()
+                    for ids, (lo, hi) in zip(batches, batch_places, strict=True):
                         # Deltas trade CPU for link bytes: not while our own side (storing,
                         # hashing, re-encoding what arrives) is what holds things up.
                         delta_now = use_delta and sink_share[0] < SINK_BOUND
                         hints = tuple(bases.get(i, ()) for i in ids) if delta_now and bases else ()
-                        if any(hints):
-                            await self.peer.send(casproto.WantDelta(rid, ids, hints))
+                        if not any(hints):
+                            await send_plain(ids, range(lo, hi))
+                        elif places is None:
+                            await send(ids, partial(casproto.WantDelta, ids=ids, bases=hints))
                         else:
-                            await self.peer.send(casproto.Want(rid, ids))
-                        await opened_send.send((rid, recv, ids))
+                            # Only chunks with bases need their ids sent; the rest go by
+                            # place, in a request of their own.
+                            with_bases = [j for j, h in enumerate(hints) if h]
+                            some = tuple(ids[j] for j in with_bases)
+                            their = tuple(hints[j] for j in with_bases)
+                            await send(some, partial(casproto.WantDelta, ids=some, bases=their))
+                            rest = [j for j, h in enumerate(hints) if not h]
+                            if rest:
+                                await send_plain(
+                                    tuple(ids[j] for j in rest), [lo + j for j in rest]
+                                )
                 except PeerError as exc:
                     failure = failure or exc
                 except trio.BrokenResourceError:
@@ -703,6 +787,12 @@ class Client:
                                 frames.append(_Packed(reply, ids[got : got + n]))
                                 got += n
                             else:
+                                # WANT_AT names no ids: the protocol layer cannot check
+                                # that each answer is the chunk asked for at its place.
+                                if reply.id != ids[got]:
+                                    raise ChunkCorrupt(
+                                        reply.id, "the server sent a chunk out of place"
+                                    )
                                 frames.append(reply)
                                 got += 1
                     except PeerError as exc:
@@ -1253,18 +1343,34 @@ async def _tls_handshake(
     return stream
 
 
+#: What a client offers in its HELLO (SPEC §3).
+FEATURES = (
+    "zstd",
+    casproto.PREFIX_FEATURE,
+    casproto.PACK_FEATURE,
+    casproto.RECIPE_FEATURE,
+    casproto.WANT_AT_FEATURE,
+)
+
+
 @asynccontextmanager
 async def open_client_on_stream(
-    stream: trio.abc.Stream, address: str, *, token: str | None = None, compress: bool = True
+    stream: trio.abc.Stream,
+    address: str,
+    *,
+    token: str | None = None,
+    compress: bool = True,
+    features: tuple[str, ...] = FEATURES,
 ) -> AsyncIterator[Client]:
-    """Handshake over an already open stream (TCP, TLS, or in-memory in tests)."""
+    """Handshake over an already open stream (TCP, TLS, or in-memory in tests), offering
+    ``features``."""
     peer = PeerConnection(stream, casproto.Role.CLIENT, address)
     try:
         await peer.send(
             casproto.Hello(
                 0,
                 casproto.PROTOCOL_VERSION,
-                ("zstd", casproto.PREFIX_FEATURE, casproto.PACK_FEATURE),
+                features,
                 token,
                 f"casctl/{__version__}",
             )

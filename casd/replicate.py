@@ -32,6 +32,7 @@ from casd import blobdelta
 from casd.chunking import Chunker, format_digest
 from casd.client import Client, VerifiedChunk
 from casd.errors import (
+    BlobMissing,
     CasdError,
     DigestMismatch,
     NoSpace,
@@ -261,6 +262,15 @@ def _missing(recipe: casproto.Recipe, have: list[bool]) -> list[tuple[bytes, int
     return need
 
 
+def _first_places(recipe: casproto.Recipe, need: list[tuple[bytes, int]]) -> list[int]:
+    """Where each of ``need`` first appears in ``recipe`` (ascending, as ``need`` is in
+    order of first appearance)."""
+    first: dict[bytes, int] = {}
+    for k, cid in enumerate(recipe.ids):
+        first.setdefault(cid, k)
+    return [first[cid] for cid, _ in need]
+
+
 def _distinct(ids: tuple[bytes, ...]) -> list[bytes]:
     return list(dict.fromkeys(ids))
 
@@ -402,6 +412,11 @@ async def sync_into_store(
     # chunks stream: many small blobs cost no round trip each.
     to_fetch = list(dict.fromkeys(d for (_, d), h in zip(pairs, held, strict=True) if not h))
     recipes_in, recipes_out = trio.open_memory_channel[casproto.Recipe](RECIPE_PREFETCH)
+    base_of: dict[str, str] = {}
+    for name, digest in pairs:
+        old = local_names.get(name) if not is_digest(name) else (base_hints or {}).get(digest)
+        if old is not None and old != digest:
+            base_of.setdefault(digest, old)
 
     async def prefetch() -> None:
         # RECIPE_PREFETCH requests go out together: the recipes of an image's config and
@@ -409,7 +424,13 @@ async def sync_into_store(
         got: dict[str, casproto.Recipe] = {}
 
         async def one(digest: str) -> None:
-            got[digest] = await src.fetch_recipe(digest)
+            # The old version's recipe, where this side holds one: the new recipe then
+            # comes encoded against it, and the ids both share cost next to nothing.
+            base = base_of.get(digest)
+            entries = await run(_recipe_entries, store, base) if base else None
+            got[digest] = await src.fetch_recipe(
+                digest, (base, entries) if base and entries is not None else None
+            )
 
         async with recipes_in:
             for i in range(0, len(to_fetch), RECIPE_PREFETCH):
@@ -582,6 +603,15 @@ async def _copy_all(
     report.items.extend(item for item in items if item is not None)
 
 
+def _recipe_entries(store: Store, digest: str) -> bytes | None:
+    """The entries of ``digest``'s recipe as a recipe delta's prefix, if it is held."""
+    try:
+        recipe = store.get_recipe(digest)
+    except BlobMissing:
+        return None
+    return casproto.pack_entries(recipe.ids, recipe.sizes)
+
+
 def _chunk_wire(store: Store, need: list[tuple[bytes, int]], old_digest: str) -> float:
     """About what the chunks in ``need`` would put on the wire: their raw size, times
     how much the old version compresses as this store holds it (chunks go as the
@@ -658,7 +688,11 @@ async def _fetch_as_chunks(
         async with to_hash:
             t0, w0, r0 = trio.current_time(), src.peer.wire_bytes, report.bytes_raw_fetched
             report.bytes_fetched += await src.fetch_chunks(
-                need, keep, bases=bases or None, read_base=read_base
+                need,
+                keep,
+                bases=bases or None,
+                read_base=read_base,
+                at=(digest, _first_places(recipe, need)),
             )
             if (wire := src.peer.wire_bytes - w0) >= MEASURE_STREAM_BYTES:
                 report.stream_wire += wire

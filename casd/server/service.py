@@ -13,12 +13,14 @@ import functools
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import casproto
 import trio
+import xxhash
 from casproto import ErrorCode
 
 from casd import __version__, zstd
@@ -88,7 +90,21 @@ MAX_PUSHES = 128
 # How long a connection may take to say HELLO before it is dropped.
 HELLO_TIMEOUT = 30.0
 
-FEATURES = frozenset({"zstd", casproto.PREFIX_FEATURE, casproto.PACK_FEATURE})
+FEATURES = frozenset(
+    {
+        "zstd",
+        casproto.PREFIX_FEATURE,
+        casproto.PACK_FEATURE,
+        casproto.RECIPE_FEATURE,
+        casproto.WANT_AT_FEATURE,
+    }
+)
+# RECIPE_DELTA: zstd level, and the largest frame sent (beyond it, plain RECIPE frames).
+RECIPE_DELTA_LEVEL = 3
+RECIPE_DELTA_MAX = casproto.MAX_FRAME - 4096
+# Recipes a connection keeps for its WANT_AT batches (a sync fetches one blob at a time,
+# a few small ones beside it).
+RECIPES_KEPT = 4
 
 # Chunks up to this size that a WANT batch answers next to each other travel as one
 # CHUNK_PACK (SPEC §4.1): a tar member's header (512 B) or a small file costs more as a
@@ -120,6 +136,7 @@ class ServerStats:
     bytes_sent: int = 0
     chunks_received: int = 0
     chunks_sent: int = 0
+    recipe_deltas: int = 0  # recipes sent encoded against the client's older version
     packs_sent: int = 0  # CHUNK_PACK frames, and the chunks they carried
     packed_chunks_sent: int = 0
     errors: int = 0
@@ -156,6 +173,24 @@ class ServerContext:
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+
+def _recipe_delta(store: Store, recipe: Any, base: str, base_sum: int) -> bytes | None:
+    """``recipe``'s entries as one zstd frame with the entries of ``base``'s recipe as
+    prefix (RECIPE_DELTA, SPEC §4.1), or None to send it plain: this store lacks
+    ``base``, holds it cut otherwise than the client (its checksum differs), or the frame
+    would not fit one frame. Worker thread."""
+    try:
+        old = store.get_recipe(base)
+    except (BlobMissing, InvalidRef):
+        return None
+    prefix = casproto.pack_entries(old.ids, old.sizes)
+    if xxhash.xxh3_64_intdigest(prefix) != base_sum:
+        return None
+    data = zstd.compress_with_prefix(
+        casproto.pack_entries(recipe.ids, recipe.sizes), prefix, RECIPE_DELTA_LEVEL
+    )
+    return data if len(data) <= RECIPE_DELTA_MAX else None
 
 
 def error_code_for(exc: BaseException) -> ErrorCode:
@@ -259,6 +294,8 @@ class Session:
         self.scope = Scope.READ
         self._requests: dict[int, _Request] = {}
         self._wants = _Turnstile()
+        # Recipes WANT_AT batches name chunks in, most recent last.
+        self._recipes: OrderedDict[str, Any] = OrderedDict()
         self._delta = DeltaChooser()
 
     async def run(self) -> None:
@@ -331,6 +368,7 @@ class Session:
             casproto.Untag: self._untag,
             casproto.Stats: self._stats,
             casproto.Pull: self._pull,
+            casproto.PullDelta: self._pull,
             casproto.Sync: self._sync,
             casproto.Fsck: self._fsck,
             casproto.Call: self._call,
@@ -354,7 +392,8 @@ class Session:
                 kind in handlers
                 or kind is casproto.PushBegin
                 or kind is casproto.Want
-                or (kind is casproto.WantDelta)
+                or kind is casproto.WantDelta
+                or kind is casproto.WantAt
             ):
                 needed = required_scope(ev)
                 if needed > self.scope:
@@ -366,7 +405,9 @@ class Session:
                 if busy:
                     self._start(nursery, rid, self._busy, ev)
                     continue
-            if kind is casproto.Want or kind is casproto.WantDelta:
+            if kind is casproto.WantAt:
+                self._start(nursery, rid, self._want_at, ev, self._wants.ticket())
+            elif kind is casproto.Want or kind is casproto.WantDelta:
                 self._start(nursery, rid, self._want, ev, self._wants.ticket())
             elif kind in handlers:
                 self._start(nursery, rid, handlers[kind], ev)
@@ -477,6 +518,7 @@ class Session:
             "chunks_sent": s.chunks_sent,
             "packs_sent": s.packs_sent,
             "packed_chunks_sent": s.packed_chunks_sent,
+            "recipe_deltas": s.recipe_deltas,
             "errors": s.errors,
             "delta_candidates": s.delta_candidates,
             "delta_chunks": s.delta_chunks,
@@ -496,13 +538,21 @@ class Session:
 
     # --- pull: recipe, then chunks on demand -----------------------------------------
 
-    async def _pull(self, ev: casproto.Pull) -> None:
-        def recipe() -> Any:
-            store = self.ctx.store
-            return store.get_recipe(store.resolve(ev.ref))
+    async def _pull(self, ev: casproto.Pull | casproto.PullDelta) -> None:
+        store = self.ctx.store
 
-        r = await self.ctx.run(recipe)
+        def recipe() -> tuple[Any, bytes | None]:
+            r = store.get_recipe(store.resolve(ev.ref))
+            if not isinstance(ev, casproto.PullDelta):
+                return r, None
+            return r, _recipe_delta(store, r, ev.base, ev.base_sum)
+
+        r, delta = await self.ctx.run(recipe)
         self.ctx.stats.pulls += 1
+        if delta is not None:
+            self.ctx.stats.recipe_deltas += 1
+            await self.peer.send(casproto.RecipeDelta(ev.rid, r.digest, r.size, len(r.ids), delta))
+            return
         frames: list[casproto.Message] = []
         n = len(r.ids)
         for start in range(0, max(n, 1), RECIPE_BATCH):
@@ -513,6 +563,33 @@ class Session:
                 )
             )
         await self.peer.send_many(frames)
+
+    async def _want_at(self, ev: casproto.WantAt, ticket: int) -> None:
+        # The ids from our own recipe (kept for the next batches of the same blob).
+        def ids() -> tuple[bytes, ...]:
+            recipe = self._recipes.get(ev.digest)
+            if recipe is None:
+                recipe = self.ctx.store.get_recipe(ev.digest)
+                self._recipes[ev.digest] = recipe
+                while len(self._recipes) > RECIPES_KEPT:
+                    self._recipes.popitem(last=False)
+            else:
+                self._recipes.move_to_end(ev.digest)
+            bits = ev.bitmap
+            places = [ev.start + i for i in range(8 * len(bits)) if bits[i >> 3] >> (i & 7) & 1]
+            if places[-1] >= len(recipe.ids):  # the codec saw to it that one bit is set
+                raise InvalidRef(
+                    f"WANT_AT asks for entry {places[-1]} of {ev.digest}'s recipe, "
+                    f"which has {len(recipe.ids)}"
+                )
+            return tuple(recipe.ids[p] for p in places)
+
+        try:
+            wanted = await self.ctx.run(ids)
+        except BaseException:
+            await self._wants.done(ticket)  # the turn passes on, or later WANTs would wait
+            raise
+        await self._want(casproto.Want(ev.rid, wanted), ticket)
 
     async def _want(self, ev: casproto.Want | casproto.WantDelta, ticket: int) -> None:
         zstd_ok = "zstd" in self.features

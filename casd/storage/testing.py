@@ -23,9 +23,12 @@ def make_chunk(data: bytes) -> ChunkIn:
     return ChunkIn(chunk_id(data), data)
 
 
-def store_blob(store: Store, data: bytes, name: str | None = None) -> Recipe:
-    """Chunk, store and commit ``data`` the way the daemon does; returns its recipe."""
-    views = list(Chunker().cut(data)) if data else []
+def store_blob(
+    store: Store, data: bytes, name: str | None = None, chunker: Chunker | None = None
+) -> Recipe:
+    """Chunk (with ``chunker``, the default one if None), store and commit ``data`` the
+    way the daemon does; returns its recipe."""
+    views = list((chunker or Chunker()).cut(data)) if data else []
     chunks = [make_chunk(bytes(v)) for v in views]
     store.put_chunks(chunks)
     recipe = Recipe(

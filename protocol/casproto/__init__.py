@@ -12,6 +12,7 @@ from ._bitmap import pack_bitmap, unpack_bitmap
 from ._codec import MAX_BASES, FrameDecoder, decode_body, encode_message
 from ._connection import CLOSED, NEED_DATA, Connection, Event
 from ._constants import ID_SIZE, MAX_BATCH, MAX_CHUNK_SIZE, MAX_FRAME, PROTOCOL_VERSION
+from ._entries import ENTRY_SIZE, pack_entries, unpack_entries
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._messages import (
     MESSAGE_CLASSES,
@@ -36,12 +37,14 @@ from ._messages import (
     Names,
     Ok,
     Pull,
+    PullDelta,
     PushBegin,
     PushDone,
     PushEnd,
     PushRecipe,
     PushWant,
     Recipe,
+    RecipeDelta,
     Stat,
     Stats,
     StatsResult,
@@ -51,14 +54,24 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    WantAt,
     WantDelta,
     Welcome,
 )
 from ._names import is_valid_digest, is_valid_name
-from ._state import PACK_FEATURE, PREFIX_FEATURE, ZSTD_FEATURE, ConnState, Role
+from ._state import (
+    PACK_FEATURE,
+    PREFIX_FEATURE,
+    RECIPE_FEATURE,
+    WANT_AT_FEATURE,
+    ZSTD_FEATURE,
+    ConnState,
+    Role,
+)
 
 __all__ = [
     "CLOSED",
+    "ENTRY_SIZE",
     "ID_SIZE",
     "MAX_BASES",
     "MAX_BATCH",
@@ -69,6 +82,8 @@ __all__ = [
     "PACK_FEATURE",
     "PREFIX_FEATURE",
     "PROTOCOL_VERSION",
+    "RECIPE_FEATURE",
+    "WANT_AT_FEATURE",
     "ZSTD_FEATURE",
     "BlobInfo",
     "Call",
@@ -98,12 +113,14 @@ __all__ = [
     "Ok",
     "ProtocolError",
     "Pull",
+    "PullDelta",
     "PushBegin",
     "PushDone",
     "PushEnd",
     "PushRecipe",
     "PushWant",
     "Recipe",
+    "RecipeDelta",
     "RemoteProtocolError",
     "Role",
     "Stat",
@@ -115,6 +132,7 @@ __all__ = [
     "Tag",
     "Untag",
     "Want",
+    "WantAt",
     "WantDelta",
     "Welcome",
     "decode_body",
@@ -122,5 +140,7 @@ __all__ = [
     "is_valid_digest",
     "is_valid_name",
     "pack_bitmap",
+    "pack_entries",
     "unpack_bitmap",
+    "unpack_entries",
 ]

@@ -41,12 +41,14 @@ from ._messages import (
     Names,
     Ok,
     Pull,
+    PullDelta,
     PushBegin,
     PushDone,
     PushEnd,
     PushRecipe,
     PushWant,
     Recipe,
+    RecipeDelta,
     Stat,
     Stats,
     StatsResult,
@@ -56,6 +58,7 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    WantAt,
     WantDelta,
     Welcome,
 )
@@ -203,6 +206,14 @@ def _chunk_ids_nonempty(value: object) -> object:
     if ids:
         return ids
     raise _FieldError(f"expected 1 to {MAX_BATCH} chunk ids, got none", ErrorCode.INVALID)
+
+
+def _want_bitmap(value: object) -> object:
+    # WANT_AT: 1..MAX_BITMAP bytes, at least one bit set.
+    bitmap = cast(bytes, _bitmap(value))
+    if any(bitmap):
+        return bitmap
+    raise _FieldError("WANT_AT must want at least one chunk", ErrorCode.INVALID)
 
 
 def _lengths(value: object) -> object:
@@ -374,6 +385,8 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
     ),
     Cancel: (),
     Pull: (("ref", _text),),
+    PullDelta: (("ref", _text), ("base", _text), ("base_sum", _uint)),
+    RecipeDelta: (("digest", _text), ("size", _uint), ("count", _uint), ("data", _data)),
     Recipe: (
         ("digest", _text),
         ("size", _uint),
@@ -383,6 +396,7 @@ _FIELDS: Final[dict[type[Message], tuple[tuple[str, _Check], ...]]] = {
     ),
     Want: (("ids", _chunk_ids_nonempty),),
     WantDelta: (("ids", _chunk_ids_nonempty), ("bases", _bases)),
+    WantAt: (("digest", _text), ("start", _uint), ("bitmap", _want_bitmap)),
     Sync: (
         ("source", _text),
         ("token", _text_or_nil),

@@ -302,6 +302,31 @@ class Recipe(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PullDelta(Message):
+    """C→S: PULL from a client that holds ``base``, an older version of the blob: the
+    recipe may come as one RECIPE_DELTA encoded against base's recipe, if the server's
+    recipe of ``base`` has the checksum ``base_sum`` (xxh3-64 of its entries, SPEC §4.1);
+    otherwise as RECIPE frames. Needs "recipe-delta"."""
+
+    TYPE: ClassVar[int] = 44
+    ref: str
+    base: str
+    base_sum: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecipeDelta(Message):
+    """S→C: a whole recipe of ``count`` entries as one zstd frame of its entries
+    (:func:`pack_entries`) with base's entries as raw prefix. Terminal."""
+
+    TYPE: ClassVar[int] = 45
+    digest: str
+    size: int
+    count: int
+    data: bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
 class Want(Message):
     """C→S: send these chunks. Answered by exactly `len(ids)` CHUNK frames, in order."""
 
@@ -321,6 +346,18 @@ class WantDelta(Message):
     TYPE: ClassVar[int] = 43
     ids: tuple[bytes, ...]
     bases: tuple[tuple[bytes, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WantAt(Message):
+    """C→S: WANT of the chunks at positions ``start + i`` of blob ``digest``'s recipe for
+    which bit ``i`` of ``bitmap`` is set: the ids are not sent, the server reads them
+    from its recipe. Answered like WANT, in position order. Needs "want-at"."""
+
+    TYPE: ClassVar[int] = 46
+    digest: str
+    start: int
+    bitmap: bytes
 
 
 # --- sync (SPEC §4.2) -------------------------------------------------------------------
@@ -445,8 +482,11 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     ChunkPack,
     Pull,
     Recipe,
+    PullDelta,
+    RecipeDelta,
     Want,
     WantDelta,
+    WantAt,
     Sync,
     SyncProgress,
     SyncDone,

@@ -43,12 +43,14 @@ from ._messages import (
     Names,
     Ok,
     Pull,
+    PullDelta,
     PushBegin,
     PushDone,
     PushEnd,
     PushRecipe,
     PushWant,
     Recipe,
+    RecipeDelta,
     Stat,
     Stats,
     StatsResult,
@@ -58,6 +60,7 @@ from ._messages import (
     Tag,
     Untag,
     Want,
+    WantAt,
     WantDelta,
     Welcome,
 )
@@ -68,6 +71,10 @@ ZSTD_FEATURE: Final = "zstd"
 PREFIX_FEATURE: Final = "zstd-prefix"
 #: The feature that allows CHUNK_PACK answers to WANT and WANT_DELTA (SPEC §4.1).
 PACK_FEATURE: Final = "chunk-packs"
+#: Feature: PULL_DELTA and RECIPE_DELTA (a recipe encoded against an older one).
+RECIPE_FEATURE: Final = "recipe-delta"
+#: Feature: WANT_AT (chunks named by their places in a recipe, SPEC §4.1).
+WANT_AT_FEATURE: Final = "want-at"
 
 
 class Role(Enum):
@@ -114,8 +121,10 @@ _FOLLOW_UPS: Final[
     Untag: (frozenset(), frozenset({Ok})),
     Stats: (frozenset(), frozenset({StatsResult})),
     Pull: (frozenset(), frozenset({Recipe})),
+    PullDelta: (frozenset(), frozenset({Recipe, RecipeDelta})),
     Want: (frozenset(), frozenset({Chunk, ChunkPack})),
     WantDelta: (frozenset(), frozenset({Chunk, ChunkPack})),
+    WantAt: (frozenset(), frozenset({Chunk, ChunkPack})),
     PushBegin: (
         frozenset({PushRecipe, Chunk, ChunkDelta, PushEnd}),
         frozenset({PushWant, PushDone}),
@@ -169,6 +178,8 @@ class _PullRequest(_Request):
     __slots__ = ()
 
     def from_server(self, message: Message) -> bool:
+        if isinstance(message, RecipeDelta):
+            return True
         assert isinstance(message, Recipe)
         return message.last
 
@@ -204,6 +215,30 @@ class _WantRequest(_Request):
             )
         self.sent += 1
         return self.sent == len(self.ids)
+
+
+class _WantAtRequest(_Request):
+    """WANT_AT: one chunk per set bit, in position order, as CHUNKs or CHUNK_PACKs. The
+    ids are the server's to look up, so only their number is checked here."""
+
+    __slots__ = ("sent", "wanted")
+
+    def __init__(self, opener: WantAt) -> None:
+        super().__init__(opener)
+        self.wanted = sum(bin(byte).count("1") for byte in opener.bitmap)
+        self.sent = 0
+
+    def from_server(self, message: Message) -> bool:
+        n = len(message.lengths) if isinstance(message, ChunkPack) else 1
+        if n > self.wanted - self.sent:
+            raise _unexpected(
+                f"{type(message).__name__} of {n} chunks for WANT_AT {message.rid}, "
+                f"which has {self.wanted - self.sent} left"
+            )
+        if isinstance(message, Chunk) and message.codec == Codec.ZSTD_PREFIX:
+            raise _unexpected(f"CHUNK with codec ZSTD_PREFIX answers WANT_AT {message.rid}")
+        self.sent += n
+        return self.sent == self.wanted
 
 
 class _SyncRequest(_Request):
@@ -293,8 +328,10 @@ _STARTS: Final[dict[type[Message], type[_Request]]] = {
     Untag: _Request,
     Stats: _Request,
     Pull: _PullRequest,
+    PullDelta: _PullRequest,
     Want: _WantRequest,
     WantDelta: _WantRequest,
+    WantAt: _WantAtRequest,
     PushBegin: _PushRequest,
     Sync: _SyncRequest,
     Fsck: _Request,
@@ -378,6 +415,10 @@ class ConversationState:
                 )
         if isinstance(message, WantDelta) and PREFIX_FEATURE not in self.features:
             raise _unexpected(f"WANT_DELTA but {PREFIX_FEATURE!r} was not negotiated")
+        if isinstance(message, WantAt) and WANT_AT_FEATURE not in self.features:
+            raise _unexpected(f"WANT_AT but {WANT_AT_FEATURE!r} was not negotiated")
+        if isinstance(message, PullDelta) and RECIPE_FEATURE not in self.features:
+            raise _unexpected(f"PULL_DELTA but {RECIPE_FEATURE!r} was not negotiated")
         if isinstance(message, ChunkDelta) and PREFIX_FEATURE not in self.features:
             raise _unexpected(f"CHUNK_DELTA but {PREFIX_FEATURE!r} was not negotiated")
         if sender is Role.CLIENT:

@@ -146,7 +146,9 @@ async def test_bases_stay_bounded_whatever_the_size_of_the_old_version() -> None
     async with client_for(src) as c:
         real_fetch = c.fetch_chunks
 
-        async def fetch(need: Any, sink: Any, *, bases: Any = None, read_base: Any = None) -> int:
+        async def fetch(
+            need: Any, sink: Any, *, bases: Any = None, read_base: Any = None, **kw: Any
+        ) -> int:
             def bounded(ids: tuple[bytes, ...]) -> bytes:
                 nonlocal largest
                 assert len(ids) <= casproto.MAX_BASES
@@ -155,7 +157,7 @@ async def test_bases_stay_bounded_whatever_the_size_of_the_old_version() -> None
                 return data
 
             return await real_fetch(
-                need, sink, bases=bases, read_base=bounded if read_base else None
+                need, sink, bases=bases, read_base=bounded if read_base else None, **kw
             )
 
         c.fetch_chunks = fetch  # type: ignore[method-assign]

@@ -39,12 +39,14 @@ from casproto import (
     Names,
     Ok,
     Pull,
+    PullDelta,
     PushBegin,
     PushDone,
     PushEnd,
     PushRecipe,
     PushWant,
     Recipe,
+    RecipeDelta,
     Role,
     Stat,
     Stats,
@@ -55,6 +57,7 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    WantAt,
     WantDelta,
     Welcome,
 )
@@ -208,6 +211,8 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
     PushDone: st.builds(PushDone, rids, texts, uints, uints, uints, uints),
     Cancel: st.builds(Cancel, rids),
     Pull: st.builds(Pull, rids, texts),
+    PullDelta: st.builds(PullDelta, rids, texts, texts, uints),
+    RecipeDelta: st.builds(RecipeDelta, rids, texts, uints, uints, st.binary(max_size=64)),
     Recipe: st.builds(
         lambda rid, digest, size, r, last: Recipe(rid, digest, size, r[0], r[1], last),
         rids,
@@ -217,6 +222,13 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
         st.booleans(),
     ),
     Want: st.builds(Want, rids, id_batches(min_size=1)),
+    WantAt: st.builds(
+        WantAt,
+        rids,
+        texts,
+        uints,
+        st.binary(min_size=1, max_size=64).filter(any),
+    ),
     WantDelta: id_batches(min_size=1).flatmap(
         lambda ids: st.builds(
             WantDelta,

@@ -33,12 +33,14 @@ from casproto import (
     Names,
     Ok,
     Pull,
+    PullDelta,
     PushBegin,
     PushDone,
     PushEnd,
     PushRecipe,
     PushWant,
     Recipe,
+    RecipeDelta,
     RemoteProtocolError,
     Role,
     Stat,
@@ -50,6 +52,7 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    WantAt,
     WantDelta,
     Welcome,
     encode_message,
@@ -838,6 +841,63 @@ def test_zstd_prefix_answers_only_want_delta() -> None:
 def test_want_delta_needs_the_feature(pair: ConnectionPair) -> None:
     with pytest.raises(LocalProtocolError, match="zstd-prefix"):
         pair.client.send(WantDelta(5, (A,), ((B,),)))
+
+
+# --- WANT_AT (SPEC §4.1) -------------------------------------------------------------
+
+
+def test_want_at_is_answered_by_one_chunk_per_set_bit() -> None:
+    p = ConnectionPair()
+    p.handshake(("chunk-packs", "want-at"))
+    p.exchange(p.client, WantAt(5, EMPTY_DIGEST, 10, b"\x05\x01"))  # positions 10, 12, 18
+    p.exchange(p.server, Chunk(5, A, Codec.RAW, b"a"))
+    assert p.client.open_requests
+    p.exchange(p.server, ChunkPack(5, Codec.RAW, (1, 1), b"bc"))
+    assert not p.client.open_requests
+
+
+def test_want_at_gets_no_more_than_it_asked() -> None:
+    p = ConnectionPair()
+    p.handshake(("chunk-packs", "want-at"))
+    p.exchange(p.client, WantAt(5, EMPTY_DIGEST, 0, b"\x01"))
+    assert_forbidden(p, p.server, ChunkPack(5, Codec.RAW, (1, 1), b"ab"))
+
+
+def test_want_at_wants_something_and_needs_the_feature(pair: ConnectionPair) -> None:
+    with pytest.raises(LocalProtocolError, match="want-at"):
+        pair.client.send(WantAt(5, EMPTY_DIGEST, 0, b"\x01"))
+    p = ConnectionPair()
+    p.handshake(("want-at",))
+    with pytest.raises(LocalProtocolError, match="at least one"):
+        p.client.send(WantAt(5, EMPTY_DIGEST, 0, b"\x00"))
+
+
+# --- recipe deltas (SPEC §4.1) -------------------------------------------------------
+
+
+def test_pull_delta_is_answered_by_one_recipe_delta_or_by_recipes() -> None:
+    p = ConnectionPair()
+    p.handshake(("recipe-delta",))
+    p.exchange(p.client, PullDelta(5, "x", EMPTY_DIGEST, 7))
+    p.exchange(p.server, RecipeDelta(5, EMPTY_DIGEST, 0, 0, b"(frame)"))
+    assert not p.client.open_requests
+    # A server whose recipe of the base differs answers as it answers PULL.
+    p.exchange(p.client, PullDelta(6, "x", EMPTY_DIGEST, 7))
+    p.exchange(p.server, Recipe(6, EMPTY_DIGEST, 1, (A,), (1,), False))
+    p.exchange(p.server, Recipe(6, EMPTY_DIGEST, 1, (), (), True))
+    assert not p.client.open_requests
+
+
+def test_recipe_delta_answers_only_pull_delta() -> None:
+    p = ConnectionPair()
+    p.handshake(("recipe-delta",))
+    p.exchange(p.client, Pull(5, "x"))
+    assert_forbidden(p, p.server, RecipeDelta(5, EMPTY_DIGEST, 0, 0, b"(frame)"))
+
+
+def test_pull_delta_needs_the_feature(pair: ConnectionPair) -> None:
+    with pytest.raises(LocalProtocolError, match="recipe-delta"):
+        pair.client.send(PullDelta(5, "x", EMPTY_DIGEST, 7))
 
 
 # --- chunk packs (SPEC §4.1) ---------------------------------------------------------

@@ -31,12 +31,14 @@ from casproto import (
     Names,
     Ok,
     Pull,
+    PullDelta,
     PushBegin,
     PushDone,
     PushEnd,
     PushRecipe,
     PushWant,
     Recipe,
+    RecipeDelta,
     Role,
     Stat,
     Stats,
@@ -47,6 +49,7 @@ from casproto import (
     Tag,
     Untag,
     Want,
+    WantAt,
     WantDelta,
     Welcome,
 )
@@ -57,8 +60,9 @@ from hypothesis import strategies as st
 
 # The direction column of SPEC §3 and §4.
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
-CLIENT_SENDS |= {Cancel, Pull, Want, WantDelta, Sync, Fsck, Call, ChunkDelta}
+CLIENT_SENDS |= {Cancel, Pull, PullDelta, Want, WantDelta, WantAt, Sync, Fsck, Call, ChunkDelta}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
+SERVER_SENDS |= {RecipeDelta}
 SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone, CallProgress, CallDone, CallData, ChunkPack}
 BOTH_SEND = {Chunk, Error}
 
@@ -94,6 +98,7 @@ def test_every_request_has_a_terminal_answer() -> None:
         Ok,
         StatsResult,
         Recipe,
+        RecipeDelta,
         Chunk,
         PushDone,
         SyncDone,
