@@ -237,9 +237,18 @@ async def _delta(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Do
     pieces_in, pieces_out = trio.open_memory_channel[bytes](2)
     sent = 0
 
+    cpu = [0.0]
+
+    def step() -> bytes | None:
+        c0 = time.thread_time()
+        try:
+            return enc.step()
+        finally:
+            cpu[0] += time.thread_time() - c0
+
     async def produce() -> None:
         async with pieces_in:
-            while (piece := await ctx.run(enc.step)) is not None:
+            while (piece := await ctx.run(step)) is not None:
                 if piece:
                     await pieces_in.send(piece)
 
@@ -248,8 +257,14 @@ async def _delta(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Do
         async for piece in pieces_out:
             await progress.data(piece)
             sent += len(piece)
+    stats = ctx.stats
+    stats.blob_deltas += 1
+    stats.blob_delta_bytes += sent
+    stats.blob_delta_target_bytes += enc.target_size
+    stats.blob_delta_encode_s += cpu[0]
     return {
         "size": sent,
         "target_size": enc.target_size,
         "seconds": round(time.monotonic() - started, 4),
+        "encode_cpu_s": round(cpu[0], 4),
     }

@@ -390,7 +390,9 @@ async def cmd_sync(args: argparse.Namespace) -> int:
         if int(report.get("blobs_as_delta", 0)):
             print(
                 f"whole-blob deltas: {report['blobs_as_delta']} blobs came as "
-                f"{human(int(report['blob_delta_bytes']))} of deltas against their old versions",
+                f"{human(int(report['blob_delta_bytes']))} of deltas against their old versions "
+                f"(the source spent {float(report.get('source_blob_delta_encode_s', 0)):.2f}s "
+                "of CPU encoding them)",
                 file=sys.stderr,
             )
     return 0

@@ -471,7 +471,13 @@ async def sync_into_store(
 
 
 #: Source counters a sync reports the change of (casd stats names).
-SOURCE_DELTA_STATS = ("delta_batches", "plain_batches", "delta_encode_s", "delta_bytes_saved")
+SOURCE_DELTA_STATS = (
+    "delta_batches",
+    "plain_batches",
+    "delta_encode_s",
+    "delta_bytes_saved",
+    "blob_delta_encode_s",
+)
 
 
 async def source_delta_stats(src: Client) -> dict[str, int | float]:

@@ -137,6 +137,12 @@ class ServerStats:
     chunks_received: int = 0
     chunks_sent: int = 0
     recipe_deltas: int = 0  # recipes sent encoded against the client's older version
+    # Whole-blob deltas streamed (blob.delta): how many, their bytes, the blobs' size,
+    # and the thread CPU seconds encoding took.
+    blob_deltas: int = 0
+    blob_delta_bytes: int = 0
+    blob_delta_target_bytes: int = 0
+    blob_delta_encode_s: float = 0.0
     packs_sent: int = 0  # CHUNK_PACK frames, and the chunks they carried
     packed_chunks_sent: int = 0
     errors: int = 0
@@ -519,6 +525,10 @@ class Session:
             "packs_sent": s.packs_sent,
             "packed_chunks_sent": s.packed_chunks_sent,
             "recipe_deltas": s.recipe_deltas,
+            "blob_deltas": s.blob_deltas,
+            "blob_delta_bytes": s.blob_delta_bytes,
+            "blob_delta_target_bytes": s.blob_delta_target_bytes,
+            "blob_delta_encode_s": round(s.blob_delta_encode_s, 4),
             "errors": s.errors,
             "delta_candidates": s.delta_candidates,
             "delta_chunks": s.delta_chunks,

@@ -155,10 +155,15 @@ async def test_a_sync_over_a_slow_link_moves_a_whole_blob_delta() -> None:
     store_blob(src, new, "blob")
     async with client_for(src) as c:
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
+        stats = await c.stats()  # the source counts what it streamed
     assert report.blobs_as_delta == 1
     assert report.blobs_copied == 1
     assert read_blob(dst, dst.resolve("blob")) == new
     assert report.wire_bytes < len(new) // 10
+    assert stats["blob_deltas"] == 1
+    assert stats["blob_delta_bytes"] == report.blob_delta_bytes > 0
+    assert stats["blob_delta_target_bytes"] == len(new)
+    assert stats["blob_delta_encode_s"] > 0
 
 
 async def test_when_the_source_lacks_the_base_the_sync_falls_back_to_chunks() -> None:
