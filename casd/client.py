@@ -164,9 +164,7 @@ class Client:
                     except trio.WouldBlock:
                         # Only a bounded route (a streamed CALL) fills up: its reader
                         # paces the stream, and the connection waits for it.
-                        with contextlib.suppress(
-                            trio.BrokenResourceError, trio.ClosedResourceError
-                        ):
+                        with contextlib.suppress(*_GONE):
                             await route.send(ev)
                     except _GONE:
                         pass  # the request was given up meanwhile

@@ -414,8 +414,7 @@ async def sync_into_store(
     recipes_in, recipes_out = trio.open_memory_channel[casproto.Recipe](RECIPE_PREFETCH)
     base_of: dict[str, str] = {}
     for name, digest in pairs:
-        old = local_names.get(name) if not is_digest(name) else (base_hints or {}).get(digest)
-        if old is not None and old != digest:
+        if (old := _old_version(name, digest, local_names, base_hints or {})) is not None:
             base_of.setdefault(digest, old)
 
     async def prefetch() -> None:
@@ -523,8 +522,8 @@ async def _copy_all(
             items[slot] = (name, digest, "would-copy")
             return
 
-        old_digest = local_names.get(name) if named else base_hints.get(digest)
-        if old_digest in (None, digest) or not await run(store.has_blob, old_digest):
+        old_digest = _old_version(name, digest, local_names, base_hints)
+        if old_digest is not None and not await run(store.has_blob, old_digest):
             old_digest = None
         committed = False  # a whole-blob delta commits the blob as it rebuilds it
         if (
@@ -607,6 +606,15 @@ async def _copy_all(
             else:
                 await copy(name, digest, recipe, slot)
     report.items.extend(item for item in items if item is not None)
+
+
+def _old_version(
+    name: str, digest: str, local_names: dict[str, str], base_hints: dict[str, str]
+) -> str | None:
+    """The blob ``digest`` is most likely a new version of, as far as names tell: the one
+    held under the same name, or for an unnamed blob the caller's hint."""
+    old = base_hints.get(digest) if is_digest(name) else local_names.get(name)
+    return None if old == digest else old
 
 
 def _recipe_entries(store: Store, digest: str) -> bytes | None:

@@ -199,6 +199,22 @@ def _recipe_delta(store: Store, recipe: Any, base: str, base_sum: int) -> bytes 
     return data if len(data) <= RECIPE_DELTA_MAX else None
 
 
+def _ids_at(recipe: Any, ev: casproto.WantAt) -> tuple[bytes, ...]:
+    """The ids at the places WANT_AT names in ``recipe``. Worker thread.
+
+    Raises:
+        InvalidRef: a place past the end of the recipe.
+    """
+    bits = ev.bitmap
+    places = [ev.start + i for i in range(8 * len(bits)) if bits[i >> 3] >> (i & 7) & 1]
+    if places[-1] >= len(recipe.ids):  # the codec saw to it that one bit is set
+        raise InvalidRef(
+            f"WANT_AT asks for entry {places[-1]} of {ev.digest}'s recipe, "
+            f"which has {len(recipe.ids)}"
+        )
+    return tuple(recipe.ids[p] for p in places)
+
+
 def error_code_for(exc: BaseException) -> ErrorCode:
     """The protocol error code that tells a client what went wrong with its request."""
     if isinstance(exc, UpstreamError):
@@ -575,27 +591,18 @@ class Session:
         await self.peer.send_many(frames)
 
     async def _want_at(self, ev: casproto.WantAt, ticket: int) -> None:
-        # The ids from our own recipe (kept for the next batches of the same blob).
-        def ids() -> tuple[bytes, ...]:
+        try:
+            # The ids from our own recipe, kept for the next batches of the same blob (in
+            # this task, not the worker thread: several WANT_ATs run at once).
             recipe = self._recipes.get(ev.digest)
             if recipe is None:
-                recipe = self.ctx.store.get_recipe(ev.digest)
+                recipe = await self.ctx.run(self.ctx.store.get_recipe, ev.digest)
                 self._recipes[ev.digest] = recipe
                 while len(self._recipes) > RECIPES_KEPT:
                     self._recipes.popitem(last=False)
             else:
                 self._recipes.move_to_end(ev.digest)
-            bits = ev.bitmap
-            places = [ev.start + i for i in range(8 * len(bits)) if bits[i >> 3] >> (i & 7) & 1]
-            if places[-1] >= len(recipe.ids):  # the codec saw to it that one bit is set
-                raise InvalidRef(
-                    f"WANT_AT asks for entry {places[-1]} of {ev.digest}'s recipe, "
-                    f"which has {len(recipe.ids)}"
-                )
-            return tuple(recipe.ids[p] for p in places)
-
-        try:
-            wanted = await self.ctx.run(ids)
+            wanted = await self.ctx.run(_ids_at, recipe, ev)
         except BaseException:
             await self._wants.done(ticket)  # the turn passes on, or later WANTs would wait
             raise

@@ -130,7 +130,7 @@ def test_a_base_beyond_the_memory_budget_is_refused(monkeypatch: pytest.MonkeyPa
 
 def test_it_pays_on_a_slow_link_only() -> None:
     chunk_wire, size = 40_000_000, 300_000_000  # the chunks of a 300 MB layer: 40 MB
-    # A delta half that size saves 20 MB of link time, against 4.5 s of CPU.
+    # A delta half that size saves 20 MB of link time, against 9 s of CPU.
     assert blobdelta.pays(chunk_wire, size, Link(1e6, 0.4))  # 8 Mbit/s: 20 s saved
     assert not blobdelta.pays(chunk_wire, size, Link(125e6, 0.4))  # 1 Gbit/s: 0.16 s
     assert not blobdelta.pays(chunk_wire, size, None)  # unmeasured: the chunks measure it
