@@ -59,7 +59,7 @@ from tests.integration.harness import Daemon, casctl
 
 MAX_FRAME = casproto.MAX_FRAME
 AGENT = "casd-fuzz/1"
-FEATURES = ("zstd", casproto.PREFIX_FEATURE)
+FEATURES = ("zstd", casproto.PREFIX_FEATURE, casproto.RECIPE_FEATURE, casproto.WANT_AT_FEATURE)
 RECV_SIZE = 1 << 20
 OPENERS = (
     casproto.Has,
@@ -69,8 +69,10 @@ OPENERS = (
     casproto.Untag,
     casproto.Stats,
     casproto.Pull,
+    casproto.PullDelta,
     casproto.Want,
     casproto.WantDelta,
+    casproto.WantAt,
     casproto.PushBegin,
     casproto.Sync,
     casproto.Fsck,
@@ -279,8 +281,15 @@ class Corpus:
         if x < 0.55:
             return casproto.Stats(rid)
         if x < 0.68:
+            if casproto.RECIPE_FEATURE in features and r.random() < 0.3:
+                # A base it may or may not hold, and a checksum that is rarely right.
+                return casproto.PullDelta(rid, self.ref(), self.digest(), r.getrandbits(64))
             return casproto.Pull(rid, self.ref())
         if x < 0.93:
+            if casproto.WANT_AT_FEATURE in features and r.random() < 0.3:
+                bitmap = bytes(r.randrange(256) for _ in range(r.randint(1, 64))) + b"\x01"
+                start = r.choice([0, 1, r.randrange(1 << 20), (1 << 64) - 1])
+                return casproto.WantAt(rid, self.digest(), start, bitmap)
             ids = self.chunk_ids(1, 8)
             if casproto.PREFIX_FEATURE in features and r.random() < 0.3:
                 bases = tuple(self.chunk_ids(0, casproto.MAX_BASES) for _ in ids)
@@ -302,7 +311,6 @@ class Corpus:
         sizes = tuple(r.randint(0, 300_000) for _ in ids)
         stats = {"a": 1, "b": 2.5, "c": "x"}
         data = r.randbytes(r.randint(0, 2000))
-        pick = r.randrange(34)  # every message but the last, a fatal ERROR
         msgs: list[Callable[[], casproto.Message]] = [
             lambda: casproto.Hello(0, 1, FEATURES, r.choice([None, "tok"]), AGENT),
             lambda: casproto.Welcome(0, 1, ("zstd",), "casd/x", {"algo": "x", "min": 1}, 1 << 20),
@@ -342,9 +350,12 @@ class Corpus:
                 (len(data) + 1,),
                 data + b"x",
             ),
-            lambda: casproto.Error(0, ErrorCode.BUSY, "go away"),  # never picked: see pick
+            lambda: casproto.PullDelta(rid, self.ref(), self.digest(), r.getrandbits(64)),
+            lambda: casproto.RecipeDelta(rid, self.digest(), 10, 1, data),
+            lambda: casproto.WantAt(rid, self.digest(), r.randrange(1 << 20), b"\x01" + data[:8]),
+            lambda: casproto.Error(0, ErrorCode.BUSY, "go away"),  # never picked
         ]
-        return msgs[pick]()
+        return msgs[r.randrange(len(msgs) - 1)]()  # every message but the last, a fatal ERROR
 
     # -- byte-level damage --
 
