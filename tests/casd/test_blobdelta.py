@@ -178,6 +178,15 @@ async def test_when_the_source_lacks_the_base_the_sync_falls_back_to_chunks() ->
     assert read_blob(dst, dst.resolve("blob")) == new
 
 
+def next_version_on_source(old: bytes, new: bytes) -> tuple[MemoryStore, MemoryStore]:
+    """A source holding both versions under "blob" (new last) and a receiver holding old."""
+    src, dst = MemoryStore(), MemoryStore()
+    store_blob(src, old, "blob")
+    store_blob(dst, old, "blob")
+    store_blob(src, new, "blob")
+    return src, dst
+
+
 async def test_a_long_stream_is_paced_by_the_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
     # More pieces than the client holds (CALL_DATA_WINDOW) and the sync queues
     # (DELTA_PIECES_AHEAD), taken slowly: the connection waits for the rebuild, and
@@ -195,10 +204,7 @@ async def test_a_long_stream_is_paced_by_the_rebuild(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(blobdelta, "rebuild", slow_rebuild)
     old, new = versions()
-    src, dst = MemoryStore(), MemoryStore()
-    store_blob(src, old, "blob")
-    store_blob(dst, old, "blob")
-    store_blob(src, new, "blob")
+    src, dst = next_version_on_source(old, new)
     async with client_for(src) as c:
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
     assert report.blobs_as_delta == 1
@@ -216,10 +222,7 @@ async def test_a_rebuild_that_fails_midway_falls_back_to_chunks(
 
     monkeypatch.setattr(blobdelta, "rebuild", failing_rebuild)
     old, new = versions()
-    src, dst = MemoryStore(), MemoryStore()
-    store_blob(src, old, "blob")
-    store_blob(dst, old, "blob")
-    store_blob(src, new, "blob")
+    src, dst = next_version_on_source(old, new)
     async with client_for(src) as c:
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
         assert await c.stat("blob")  # the connection still serves after the abandoned stream
