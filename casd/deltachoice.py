@@ -23,17 +23,31 @@ the encode time across the benchmark corpus).
 
 Before anything is measured the first batch is served as deltas (the only way to learn
 what they save), and while plain chunks are chosen one batch in ``explore_every`` goes
-as deltas, so a change of data or link is noticed. Where no link figure exists at all (a
-stream that is not TCP), deltas are served, as the receiver asked for them.
-Not thread-safe: one per connection, used from the event loop.
+as deltas, so a change of data or link is noticed. Such an *exploring* batch encodes only
+its first ``EXPLORE_CHUNKS`` chunks: a batch of large chunks costs a tenth of a second
+of CPU to encode whole, which on a fast link is the time the exploration was meant to
+save. Where no link figure exists at all (a stream that is not TCP), deltas are served,
+as the receiver asked for them.
+
+What a connection measured outlives it (:class:`Choosers`): each sync is a new
+connection, and one that started from nothing explored its first batch even where the
+last sync from the same host had found that deltas do not pay.
+Not thread-safe: used from the event loop only.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 #: The receiver's decode CPU, as a share of the sender's encode CPU.
 DECODE_SHARE = 0.5
+
+#: Chunks an exploring batch encodes as deltas; the rest of it goes plain.
+EXPLORE_CHUNKS = 8
+
+#: Hosts whose measurements a server keeps, the least recently seen dropped first.
+HOSTS_KEPT = 256
 
 
 @dataclass
@@ -52,11 +66,17 @@ class DeltaChooser:
     app_limited: bool = False
     link_known: bool = False
     batches: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
+    #: Whether the last True from :meth:`choose` was to measure (encode a sample only:
+    #: EXPLORE_CHUNKS) rather than because deltas pay.
+    exploring: bool = False
     _since_explore: int = 0
 
     def choose(self) -> bool:
-        """Whether the next batch should be delta-encoded."""
+        """Whether the next batch should be delta-encoded; :attr:`exploring` says
+        whether only a sample of it."""
+        self.exploring = False
         if self.saved_per_raw is None:  # nothing measured yet: only a delta batch tells
+            self.exploring = True
             return True
         if self.pays():
             self._since_explore = 0
@@ -64,6 +84,7 @@ class DeltaChooser:
         self._since_explore += 1
         if self._since_explore >= self.explore_every:
             self._since_explore = 0
+            self.exploring = True
             return True
         return False
 
@@ -97,3 +118,19 @@ class DeltaChooser:
         if not app_limited and rate > 0:
             old = self.link_rate
             self.link_rate = rate if old is None else old + self.alpha * (rate - old)
+
+
+class Choosers:
+    """One :class:`DeltaChooser` per client host, kept across its connections (at most
+    HOSTS_KEPT hosts)."""
+
+    def __init__(self, limit: int = HOSTS_KEPT) -> None:
+        self._limit = limit
+        self._by_host: OrderedDict[str, DeltaChooser] = OrderedDict()
+
+    def for_host(self, host: str) -> DeltaChooser:
+        chooser = self._by_host.pop(host, None) or DeltaChooser()
+        self._by_host[host] = chooser
+        while len(self._by_host) > self._limit:
+            self._by_host.popitem(last=False)
+        return chooser

@@ -28,7 +28,7 @@ from casd import ingest as ingest_mod
 from casd.auth import Scope, TokenTable, required_scope
 from casd.blobdelta import Link
 from casd.client import VerifiedChunk, open_client
-from casd.deltachoice import DeltaChooser
+from casd.deltachoice import EXPLORE_CHUNKS, Choosers
 from casd.errors import (
     BlobMissing,
     CasdError,
@@ -173,6 +173,8 @@ class ServerContext:
     # Per sync source, what its last large chunk stream found (rate, wire bytes per raw
     # byte): what a whole-blob delta is weighed against (casd.blobdelta.pays).
     links: dict[str, Link] = field(default_factory=dict)
+    # Per client host, what serving it deltas measured (casd.deltachoice).
+    choosers: Choosers = field(default_factory=Choosers)
     stats: ServerStats = field(default_factory=ServerStats)
     # Bounds the worker threads all connections may occupy with store calls at once.
     limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
@@ -318,7 +320,8 @@ class Session:
         self._wants = _Turnstile()
         # Recipes WANT_AT batches name chunks in, most recent last.
         self._recipes: OrderedDict[str, Any] = OrderedDict()
-        self._delta = DeltaChooser()
+        # What deltas saved and cost, and the link, as measured for this client's host.
+        self._delta = ctx.choosers.for_host(peer.ident.rpartition(":")[0] or peer.ident)
 
     async def run(self) -> None:
         try:
@@ -615,7 +618,9 @@ class Session:
         bases = ev.bases if isinstance(ev, casproto.WantDelta) else None
         Frames = list[casproto.Chunk | casproto.ChunkPack]
 
-        def read(start: int, end: int, delta: bool) -> tuple[Frames, int, float, float, int]:
+        def read(start: int, end: int, tries: int) -> tuple[Frames, int, float, float, int]:
+            # ``tries``: how many of the chunks that have bases to encode as deltas; the
+            # raw size returned is theirs (what the delta choice weighs savings against).
             out: Frames = []
             run: list[tuple[casproto.Chunk, StoredChunk]] = []  # small chunks to pack
             # Neighbouring chunks list the same bases (the same region of the old version):
@@ -625,15 +630,16 @@ class Session:
             raw = 0
             encode_s = cpu_s = 0.0
             saved = 0
-            for k in range(start, end):
-                cid = ev.ids[k]
-                s = store.get_stored(cid)
-                raw += s.raw_size
+            # One index lookup for the batch, and one read per run of neighbouring records.
+            for k, s in enumerate(store.get_stored_many(ev.ids[start:end]), start):
+                cid = s.id
                 if s.codec == casproto.Codec.ZSTD and not zstd_ok:
                     frame = casproto.Chunk(ev.rid, cid, casproto.Codec.RAW, store.get_chunk(cid))
                 else:
                     frame = casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload)
-                if delta and bases is not None and bases[k]:
+                if tries > 0 and bases is not None and bases[k]:
+                    tries -= 1
+                    raw += s.raw_size
                     t0, c0 = time.perf_counter(), time.thread_time()
                     plain = len(frame.data)
                     frame = self._delta_or(frame, s, bases[k], base_bytes)
@@ -656,11 +662,11 @@ class Session:
             out.extend(self._pack(ev.rid, run, zstd_ok))
             return out, raw, encode_s, cpu_s, saved
 
-        async def read_batch(start: int, end: int, delta: bool) -> tuple[Frames, int, float, int]:
-            # The batch's frames and raw size; as deltas, the CPU seconds they cost and the
-            # bytes they saved (what the delta choice weighs).
-            if not delta or end - start < 8:
-                frames, raw, encode_s, cpu_s, saved = await self.ctx.run(read, start, end, delta)
+        async def read_batch(start: int, end: int, tries: int) -> tuple[Frames, int, float, int]:
+            # The batch's frames; for the chunks tried as deltas, their raw size, the CPU
+            # seconds they cost and the bytes they saved (what the delta choice weighs).
+            if tries < end - start or end - start < 8:
+                frames, raw, encode_s, cpu_s, saved = await self.ctx.run(read, start, end, tries)
             else:
                 # zstd releases the GIL: two threads encode the two halves of a batch.
                 mid = (start + end) // 2
@@ -670,7 +676,7 @@ class Session:
 
                 async def half(k: int, lo: int, hi: int) -> None:
                     try:
-                        parts[k] = await self.ctx.run(read, lo, hi, delta)
+                        parts[k] = await self.ctx.run(read, lo, hi, hi - lo)
                     except CasdError as exc:  # both halves may fail (unknown ids): report one
                         failed.append(exc)
 
@@ -697,7 +703,10 @@ class Session:
                     offered = bases is not None and any(bases[i:end])
                     # Whether deltas pay is measured, not assumed (casd.deltachoice).
                     delta = offered and self._delta.choose()
-                    frames, raw, cpu_s, saved = await read_batch(i, end, delta)
+                    tries = 0 if not delta else end - i
+                    if delta and self._delta.exploring:  # measuring: a sample will do
+                        tries = EXPLORE_CHUNKS
+                    frames, raw, cpu_s, saved = await read_batch(i, end, tries)
                     await send.send((frames, raw, delta if offered else None, cpu_s, saved))
 
         try:

@@ -279,6 +279,18 @@ class DiskStore:
         return decode_stored(chunk_id, s.codec, s.payload, s.raw_size)
 
     def get_chunks(self, ids: Sequence[bytes]) -> list[bytes]:
+        return [
+            decode_stored(cid, loc.codec, payload, loc.raw_len)
+            for cid, (loc, payload) in zip(ids, self._read_many(ids), strict=True)
+        ]
+
+    def get_stored_many(self, ids: Sequence[bytes]) -> list[StoredChunk]:
+        return [
+            StoredChunk(cid, Codec(loc.codec), bytes(payload), loc.raw_len)
+            for cid, (loc, payload) in zip(ids, self._read_many(ids), strict=True)
+        ]
+
+    def _read_many(self, ids: Sequence[bytes]) -> list[tuple[Location, bytes | memoryview]]:
         # One index transaction for all, and one read for each run of records that lie
         # back to back in a pack (a blob's chunks are written in order). Reading and hashing
         # a 122 MB layer of 21,800 chunks took 0.54 s so, against 0.70 s one by one.
@@ -287,7 +299,7 @@ class DiskStore:
                 locs = [self._locate(txn, cid) for cid in ids]
         except lmdb.Error as exc:
             raise _lmdb_error(exc, "looking up chunks") from exc
-        out: list[bytes] = []
+        out: list[tuple[Location, bytes | memoryview]] = []
         i = 0
         while i < len(ids):
             j, end = i + 1, locs[i].offset + RECORD_HEADER.size + locs[i].stored_len
@@ -301,13 +313,12 @@ class DiskStore:
                 j += 1
             try:
                 payloads: Sequence[bytes | memoryview] = self._reader.read_run(ids[i:j], locs[i:j])
+                out.extend(zip(locs[i:j], payloads, strict=True))
             except ChunkCorrupt:
                 # Moved by a pack rewrite meanwhile, or damaged: the one-by-one path follows
                 # a move and names the damaged chunk.
                 run = zip(ids[i:j], locs[i:j], strict=True)
-                payloads = [self._read(cid, loc)[1] for cid, loc in run]
-            for cid, loc, payload in zip(ids[i:j], locs[i:j], payloads, strict=True):
-                out.append(decode_stored(cid, loc.codec, payload, loc.raw_len))
+                out.extend(self._read(cid, loc) for cid, loc in run)
             i = j
         return out
 

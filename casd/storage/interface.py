@@ -177,6 +177,15 @@ class ChunkReader(Protocol):
         """
         ...
 
+    def get_stored_many(self, ids: Sequence[bytes]) -> list[StoredChunk]:
+        """The chunks as stored, in order, as :meth:`get_stored` would return each;
+        faster for many (a server's batch: one index lookup, reads of neighbours joined).
+
+        Raises:
+            ChunkMissing, ChunkCorrupt: as :meth:`get_stored`, for the first that is.
+        """
+        ...
+
 
 @runtime_checkable
 class ChunkWriter(ChunkReader, Protocol):

@@ -61,6 +61,9 @@ class MemoryStore:
         except KeyError:
             raise ChunkMissing(chunk_id) from None
 
+    def get_stored_many(self, ids: Sequence[bytes]) -> list[StoredChunk]:
+        return [self.get_stored(i) for i in ids]
+
     def get_chunk(self, chunk_id: bytes) -> bytes:
         s = self.get_stored(chunk_id)
         return decode_stored(chunk_id, s.codec, s.payload, s.raw_size)

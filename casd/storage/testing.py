@@ -132,6 +132,7 @@ class StoreConformance:
             # Many at once, in any order and with repeats, as one by one.
             ids = [c.id for c in chunks] + [c.id for c in reversed(chunks)]
             assert store.get_chunks(ids) == [store.get_chunk(i) for i in ids]
+            assert store.get_stored_many(ids) == [store.get_stored(i) for i in ids]
             # What they take as stored, counted without reading them.
             assert store.stored_bytes(ids) == sum(len(store.get_stored(i).payload) for i in ids)
 
@@ -143,6 +144,9 @@ class StoreConformance:
         assert info.value.chunk_id == b"\x01" * 32
         with pytest.raises(ChunkMissing):
             store.stored_bytes([c.id, b"\x01" * 32])
+        with pytest.raises(ChunkMissing) as info:
+            store.get_stored_many([c.id, b"\x01" * 32])
+        assert info.value.chunk_id == b"\x01" * 32
 
     # blobs -------------------------------------------------------------------------
 
