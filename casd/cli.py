@@ -387,6 +387,12 @@ async def cmd_sync(args: argparse.Namespace) -> int:
                 f"(encoding took {float(report.get('source_delta_encode_s', 0)):.2f}s)",
                 file=sys.stderr,
             )
+        if int(report.get("layers_streamed", 0)):
+            print(
+                f"layers: {report['layers_streamed']} with no old version here came as their "
+                f"compressed bytes, {human(int(report['layer_stream_bytes']))}, as from a registry",
+                file=sys.stderr,
+            )
         if int(report.get("blobs_as_delta", 0)):
             print(
                 f"whole-blob deltas: {report['blobs_as_delta']} blobs came as "

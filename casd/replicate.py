@@ -98,6 +98,10 @@ class SyncReport:
     # Blobs that came as one whole-blob delta (casd.blobdelta), and those deltas' size.
     blobs_as_delta: int = 0
     blob_delta_bytes: int = 0
+    # Layers that came as their compressed bytes (no old version to encode against), and
+    # the wire bytes they took.
+    layers_streamed: int = 0
+    layer_stream_bytes: int = 0
     # The chunk stream of blobs large enough to measure the link by: wire bytes, seconds,
     # and the raw size of the chunks it carried.
     stream_wire: int = 0
@@ -137,6 +141,8 @@ class SyncReport:
             "delta_fallbacks": self.delta_fallbacks,
             "blobs_as_delta": self.blobs_as_delta,
             "blob_delta_bytes": self.blob_delta_bytes,
+            "layers_streamed": self.layers_streamed,
+            "layer_stream_bytes": self.layer_stream_bytes,
             "link_mbit": round(self.link.rate * 8 / 1e6, 2) if self.link else 0,
             **{f"source_{k}": v for k, v in self.source.items()},
             "seconds": round(seconds, 4),
@@ -733,48 +739,75 @@ async def _copy_as_delta(
     digest = recipe.digest
     cutter = cut(digest) if cut is not None else Chunker().cut_stream
     feed = tee(digest) if tee is not None else None
-    pieces_in, pieces_out = trio.open_memory_channel[bytes](DELTA_PIECES_AHEAD)
+
+    def rebuild(pieces: Iterator[bytes]) -> None:
+        blobdelta.rebuild(store, pieces, base, digest, recipe.size, cutter, feed)
+
+    made = await stream_to_thread(
+        src, run, "blob.delta", {"target": digest, "base": base}, rebuild, DELTA_PIECES_AHEAD
+    )
+    report.blobs_as_delta += 1
+    report.blob_delta_bytes += int(made.get("size", 0))
+
+
+async def stream_to_thread(
+    src: Client,
+    run: Run,
+    op: str,
+    args: dict[str, Any],
+    consume: Callable[[Iterator[bytes]], None],
+    ahead: int,
+    on_piece: Callable[[int], Awaitable[None]] | None = None,
+) -> dict[str, Any]:
+    """Call ``op``, whose answer streams (CALL_DATA), and hand its pieces as they cross to
+    ``consume``, run by ``run`` in a worker thread (at most ``ahead`` pieces wait for it);
+    ``op``'s result. ``on_piece(size)`` is awaited as each piece arrives (progress). A
+    stream that fails ends early for ``consume``, and the cause is raised; if
+    ``consume`` fails first, the source is told to stop.
+
+    Raises:
+        CasdError: the source failed, or ``consume`` did (a bad stream).
+    """
+    pieces_in, pieces_out = trio.open_memory_channel[bytes](ahead)
     token = trio.lowlevel.current_trio_token()
     made: dict[str, Any] = {}
     failed: list[CasdError] = []
 
     def pieces() -> Iterator[bytes]:
-        # In the rebuilding worker thread: each piece as it crosses.
+        # In the consuming worker thread: each piece as it crosses.
         while True:
             try:
                 yield trio.from_thread.run(pieces_out.receive, trio_token=token)
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
 
+    async def sink(piece: bytes) -> None:
+        await pieces_in.send(piece)
+        if on_piece is not None:
+            await on_piece(len(piece))
+
     async def fetch() -> None:
         async with pieces_in:
             try:
-                made.update(
-                    await src.call_stream(
-                        "blob.delta", {"target": digest, "base": base}, pieces_in.send
-                    )
-                )
+                made.update(await src.call_stream(op, args, sink))
             except CasdError as exc:
-                # The rebuild then sees the stream end early; the cause is this.
+                # The consumer then sees the stream end early; the cause is this.
                 failed.append(exc)
             except trio.BrokenResourceError:
-                pass  # the rebuild stopped first: it has the error
+                pass  # the consumer stopped first: it has the error
 
     try:
         async with open_nursery() as nursery:
             nursery.start_soon(fetch)
             async with pieces_out:
-                await run(
-                    blobdelta.rebuild, store, pieces(), base, digest, recipe.size, cutter, feed
-                )
+                await run(consume, pieces())
     except CasdError:
         if failed:
             raise failed[0] from None
         raise
     if failed:
         raise failed[0]
-    report.blobs_as_delta += 1
-    report.blob_delta_bytes += int(made.get("size", 0))
+    return made
 
 
 def _progress(

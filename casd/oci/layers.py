@@ -28,6 +28,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -35,7 +36,7 @@ from casd.chunking import Chunker, chunk_id, format_digest
 from casd.errors import BlobMissing, CasdError
 from casd.leases import leases_for
 from casd.oci import media
-from casd.storage.interface import ChunkIn, Recipe, Store
+from casd.storage.interface import ChunkIn, PutResult, Recipe, Store
 
 log = logging.getLogger("casd.oci")
 
@@ -181,10 +182,13 @@ class BlobWriter:
     """Feeds chunks into a store in batches and builds the blob's recipe and sha256.
 
     The chunks are durable as each batch is written; the blob becomes visible only at
-    :meth:`commit`, which checks nothing was skipped. Not thread-safe.
+    :meth:`commit`, which checks nothing was skipped. Not thread-safe. With
+    ``background``, each batch is stored (compressed, written, indexed) by a thread of
+    its own while the caller cuts and hashes the next: a layer arriving from the network
+    is then stored at the pace of two cores, not one.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, background: bool = False) -> None:
         self.store = store
         # Garbage collection spares leased chunks until the blob commits (casd.leases).
         self._lease = leases_for(store).lease()
@@ -193,6 +197,8 @@ class BlobWriter:
         self._sizes: list[int] = []
         self._batch: list[ChunkIn] = []
         self._batch_bytes = 0
+        self._putter = ThreadPoolExecutor(1, "casd-put") if background else None
+        self._pending: Future[PutResult] | None = None
         self.size = 0
         self.new_chunks = 0
         self.new_bytes = 0
@@ -211,12 +217,25 @@ class BlobWriter:
             self.flush()
 
     def flush(self) -> None:
-        if self._batch:
-            result = self.store.put_chunks(self._batch, verify=False)  # ids computed above
-            self.new_chunks += result.new_chunks
-            self.new_bytes += result.new_stored_bytes
-            self._batch = []
-            self._batch_bytes = 0
+        """Store the batch gathered so far; in the background, after the one before."""
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._wait()
+        if not batch:
+            return
+        if self._putter is None:
+            self._count(self.store.put_chunks(batch, verify=False))  # ids computed above
+        else:
+            self._pending = self._putter.submit(self.store.put_chunks, batch, verify=False)
+
+    def _wait(self) -> None:
+        # The batch in the background is stored (or its failure raised) before the next.
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._count(pending.result())
+
+    def _count(self, result: PutResult) -> None:
+        self.new_chunks += result.new_chunks
+        self.new_bytes += result.new_stored_bytes
 
     @property
     def digest(self) -> str:
@@ -229,6 +248,7 @@ class BlobWriter:
     def commit(self, name: str | None = None) -> str:
         try:
             self.flush()
+            self._wait()
             recipe = Recipe(self.digest, self.size, tuple(self._ids), tuple(self._sizes))
             self.store.commit_blob(recipe, name)
         finally:
@@ -236,7 +256,11 @@ class BlobWriter:
         return recipe.digest
 
     def release(self) -> None:
-        """Give up the lease: after a commit, or when the blob is abandoned. Idempotent."""
+        """Give up the lease (after a commit, or when the blob is abandoned) and the
+        background thread, once it finished. Idempotent."""
+        if self._putter is not None:
+            self._putter.shutdown(wait=True)
+            self._putter = None
         self._lease.release()
 
     def __enter__(self) -> BlobWriter:

@@ -15,6 +15,7 @@ from casd.errors import BlobMissing, UserError
 from casd.oci import media
 from casd.oci.importer import ImportOptions, import_image
 from casd.oci.layers import (
+    PIECE,
     IterReader,
     LayerCache,
     LayerError,
@@ -319,6 +320,32 @@ async def _convert(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.
             int(ops.arg_number(args, "level", CONVERT_LEVEL)),
         )
     )
+
+
+# --- a layer as a registry serves it (the sync's path where nothing is held) ---------------
+
+
+@ops.operation("oci.layer", Scope.READ, "stream a layer's compressed bytes, as a registry would")
+async def _layer(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Document:
+    # Read scope, as a registry's blob GET. From a blob, the layer cache or a verified
+    # re-encoding (casd.oci.source): a re-encoding that fails to match holds back its last
+    # piece, so what streams is never a whole wrong layer. Pieces of at most PIECE bytes.
+    from casd.oci.source import StoreSource
+
+    digest = ops.arg_str(args, "digest")
+    source = StoreSource(ctx.store, ctx.run, ctx.oci_cache)
+    size = await source.blob_size("", digest)
+    if size is None:
+        raise BlobMissing(f"no layer {digest} in this store")
+    sent = 0
+    async with source.open_blob("", digest, 0, size) as pieces:
+        async for piece in pieces:
+            for at in range(0, len(piece), PIECE):
+                await progress.data(piece[at : at + PIECE])
+            sent += len(piece)
+    ctx.stats.layers_streamed += 1
+    ctx.stats.layer_stream_bytes += sent
+    return {"digest": digest, "size": sent}
 
 
 # --- materialize (the sync fallback) -----------------------------------------------------

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import fields
 from typing import Any
 
@@ -26,24 +26,31 @@ import trio
 from casd.blobdelta import Link
 from casd.chunking import Chunker, format_digest
 from casd.client import Client
-from casd.errors import PeerRefused
+from casd.errors import DigestMismatch, NoSpace, PeerRefused, StoreError, UserError
 from casd.nursery import open_nursery
-from casd.oci import media
+from casd.oci import gzipre, media, members
 from casd.oci.layers import (
     PIECE,
+    BlobWriter,
+    IterReader,
     LayerCache,
+    LayerError,
     LayerRecord,
     read_record,
     read_small,
 )
 from casd.oci.tarcut import TarCutter
-from casd.replicate import Cut, SyncReport, sync_into_store
+from casd.replicate import Cut, SyncReport, Throttle, stream_to_thread, sync_into_store
 from casd.storage.interface import Store
 
 log = logging.getLogger("casd.oci")
 
 Run = Callable[..., Awaitable[Any]]
 Progress = Callable[[dict[str, int | float | str]], Awaitable[None]] | None
+
+#: Pieces (of casd.oci.layers.PIECE bytes) of a streamed layer that may wait for the
+#: thread that stores them; beyond that the connection waits.
+LAYER_PIECES_AHEAD = 8
 
 
 def _merge(into: SyncReport, part: SyncReport) -> None:
@@ -314,8 +321,29 @@ async def _complete_image(
                 done.add(d)
                 verifiers.start_soon(verify, d)
 
+        # A layer with no old version here comes as its compressed bytes, as a registry
+        # sends it: with nothing to encode against, chunks would save a few per cent of
+        # the bytes and cost both hosts their CPU (the source reads and packs tens of
+        # thousands of chunks, this side checks and compresses each again).
+        streamed: set[str] = set()
+        for content, r in list(landing.items()):
+            if content in hints or await run(store.has_blob, content):
+                continue
+            if await _land_compressed(src, store, run, r, report, on_progress):
+                streamed.add(content)
+                await arrived(content)
         await _sync_digests(
-            src, store, run, contents, report, on_progress, hints, arrived, tee, link, cut
+            src,
+            store,
+            run,
+            [c for c in contents if c not in streamed],
+            report,
+            on_progress,
+            hints,
+            arrived,
+            tee,
+            link,
+            cut,
         )
         for d in parsed:  # layers whose content was here already
             await arrived(next(c for c, x in by_content.items() if x == d))
@@ -328,10 +356,119 @@ async def _complete_image(
         # needed here.
 
 
+async def _land_compressed(
+    src: Client,
+    store: Store,
+    run: Run,
+    landing: _Reencoder,
+    report: SyncReport,
+    on_progress: Progress,
+) -> bool:
+    """Fetch the layer ``landing`` re-encodes as its compressed bytes (oci.layer) and
+    store its tar, as the importer would from a registry. Returns False where that
+    failed and nothing of it is visible (the source cannot stream it, or what came is
+    not the layer): its chunks come instead."""
+    rec = landing.rec
+    wire, started = src.peer.wire_bytes, trio.current_time()
+    made: list[int] = []
+    progress = Throttle(on_progress)
+    done = [0]
+
+    async def arrived(size: int) -> None:
+        done[0] += size
+        await progress(
+            {"name": rec.digest, "bytes_done": done[0], "wire_bytes": src.peer.wire_bytes - wire}
+        )
+
+    def land(pieces: Iterator[bytes]) -> None:
+        made.append(_store_compressed(store, pieces, landing))
+
+    try:
+        await stream_to_thread(
+            src, run, "oci.layer", {"digest": rec.digest}, land, LAYER_PIECES_AHEAD, arrived
+        )
+    except NoSpace:
+        raise
+    except (PeerRefused, UserError, StoreError, LayerError, gzipre.LayerFormatError) as exc:
+        log.warning("layer %s did not stream (%s); fetching its chunks", rec.digest, exc)
+        return False
+    wire = src.peer.wire_bytes - wire
+    report.layers_streamed += 1
+    report.layer_stream_bytes += wire
+    report.blobs_copied += 1
+    report.bytes_total += made[0]
+    # A stream like any other for what the link is measured by (casd.blobdelta.Link).
+    report.stream_wire += wire
+    report.stream_s += trio.current_time() - started
+    report.stream_raw += made[0]
+    return True
+
+
+def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder) -> int:
+    """Worker thread: check the compressed bytes arriving as ``pieces`` against the
+    layer ``landing`` re-encodes, decompress them, and store the tar cut as the importer
+    cuts it; the tar blob is committed only once both digests match. That this host can
+    make the bytes again is checked as they pass: a converted layer's members one by one
+    (casd.oci.members.MembersDecoder, and ``landing`` keeps the bytes for the cache),
+    other layers by ``landing`` re-encoding the tar. Returns the tar's size.
+
+    Raises:
+        DigestMismatch: the bytes are not the layer, or do not decompress to its tar.
+        LayerFormatError: they are not gzip, or not members this host makes.
+    """
+    rec = landing.rec
+    sha = hashlib.sha256()
+    size = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal size
+        for piece in pieces:
+            size += len(piece)
+            if size > rec.size:
+                raise DigestMismatch(rec.digest, f"a stream longer than its {rec.size} bytes")
+            sha.update(piece)
+            yield piece
+
+    encoding = rec.encoding or {}
+    if encoding.get("codec") == members.CODEC:
+        params = members.MembersParams.from_dict(
+            {k: v for k, v in encoding.items() if k != "codec"}
+        )
+        decoder = members.MembersDecoder(params)
+
+        def tar() -> Iterator[bytes | bytearray]:
+            for piece in counted():
+                landing.keep(piece)
+                yield from decoder.feed(piece)
+            yield from decoder.finish()
+
+    else:
+
+        def tar() -> Iterator[bytes | bytearray]:
+            for piece in gzipre.decompress(counted()):
+                landing.feed(piece)
+                yield piece
+
+    with BlobWriter(store, background=True) as w:
+        for chunk in TarCutter(Chunker()).cut_stream(IterReader(tar())):  # type: ignore[arg-type]
+            w.add(chunk)
+        if (got := format_digest(sha.digest())) != rec.digest or size != rec.size:
+            raise DigestMismatch(rec.digest, f"{got} ({size} bytes)")
+        if w.digest != rec.uncompressed:
+            raise DigestMismatch(rec.uncompressed, w.digest)
+        w.commit()
+    landing.kept_whole()
+    return w.size
+
+
 class _Reencoder:
     """Re-encodes a layer's tar fed in order, hashes the output, and writes it to the cache
     (renamed in only once the digest matched). ``feed`` and ``finish`` run in worker
-    threads, one at a time."""
+    threads, one at a time.
+
+    A layer whose compressed bytes arrive checked otherwise (:func:`_store_compressed`)
+    is not re-encoded: they are handed to ``keep`` instead, for the cache, and
+    ``kept_whole`` says they were all the layer."""
 
     def __init__(self, rec: LayerRecord, cache: LayerCache | None) -> None:
         from casd.oci.layers import make_encoder
@@ -346,6 +483,7 @@ class _Reencoder:
         self._cache = cache
         self._tmp: Any = None
         self._tmp_path = ""
+        self._kept: bool | None = None  # None: re-encoding; else whether keep() had it all
         if cache is not None and rec.size <= cache.max_bytes:
             fd, self._tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
             self._tmp = os.fdopen(fd, "wb")
@@ -361,6 +499,15 @@ class _Reencoder:
             self._out(self._enc.update(b"".join(self._held)))
             self._held, self._held_bytes = [], 0
 
+    def keep(self, piece: bytes) -> None:
+        self.fed = True
+        self._kept = False
+        if self._tmp is not None:
+            self._tmp.write(piece)
+
+    def kept_whole(self) -> None:
+        self._kept = True
+
     def _out(self, piece: bytes) -> None:
         if piece:
             self._sha.update(piece)
@@ -369,9 +516,13 @@ class _Reencoder:
                 self._tmp.write(piece)
 
     def finish(self) -> bool:
-        self._out(self._enc.update(b"".join(self._held)) + self._enc.finish())
-        self._held = []
-        ok = format_digest(self._sha.digest()) == self.rec.digest and self._size == self.rec.size
+        if self._kept is not None:
+            ok = self._kept
+        else:
+            self._out(self._enc.update(b"".join(self._held)) + self._enc.finish())
+            self._held = []
+            digest = format_digest(self._sha.digest())
+            ok = digest == self.rec.digest and self._size == self.rec.size
         if not ok:
             log.warning("layer %s does not re-encode here", self.rec.digest)
         if self._tmp is not None:

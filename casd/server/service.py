@@ -143,6 +143,9 @@ class ServerStats:
     blob_delta_bytes: int = 0
     blob_delta_target_bytes: int = 0
     blob_delta_encode_s: float = 0.0
+    # Layers streamed as their compressed bytes (oci.layer: a sync with no old version).
+    layers_streamed: int = 0
+    layer_stream_bytes: int = 0
     packs_sent: int = 0  # CHUNK_PACK frames, and the chunks they carried
     packed_chunks_sent: int = 0
     errors: int = 0
@@ -548,6 +551,8 @@ class Session:
             "blob_delta_bytes": s.blob_delta_bytes,
             "blob_delta_target_bytes": s.blob_delta_target_bytes,
             "blob_delta_encode_s": round(s.blob_delta_encode_s, 4),
+            "layers_streamed": s.layers_streamed,
+            "layer_stream_bytes": s.layer_stream_bytes,
             "errors": s.errors,
             "delta_candidates": s.delta_candidates,
             "delta_chunks": s.delta_chunks,

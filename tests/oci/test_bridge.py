@@ -318,7 +318,19 @@ def test_go_gzip_layers_are_kept_raw_and_convert_makes_them_sync_as_deltas(
         assert m["config"] == images[v].config_digest  # image id and diff_ids unchanged
         assert m["layers"][0]["stored"] == "reencodable"
 
-    ok(casd_a("sync", casd_a.daemon.address, casd_b.daemon.address, "lib/goimg:v1-casd"))
+    # B holds no version yet: the layer comes as its compressed bytes, as from a registry.
+    first = json.loads(
+        ok(
+            casd_a(
+                "sync", casd_a.daemon.address, casd_b.daemon.address, "lib/goimg:v1-casd", "--json"
+            )
+        ).out
+    )
+    assert first["layers_streamed"] == 1
+    converted_size = json.loads(ok(casd_a("oci", "inspect", "lib/goimg:v1-casd", "--json")).out)[
+        "manifests"
+    ][0]["layers"][0]["size"]
+    assert first["layer_stream_bytes"] < converted_size * 1.02 + 20_000
     r = json.loads(
         ok(
             casd_a(
@@ -328,6 +340,7 @@ def test_go_gzip_layers_are_kept_raw_and_convert_makes_them_sync_as_deltas(
     )
     layer_size = images[2].layer_sizes[0]
     print(f"converted v2 synced in {r['wire_bytes']} B; its gzip layer is {layer_size} B")
+    assert r["layers_streamed"] == 0  # it has an old version here: chunks, as deltas
     assert r["wire_bytes"] < layer_size / 10
 
     dest = tmp_path / "pulled"
@@ -339,6 +352,42 @@ def test_go_gzip_layers_are_kept_raw_and_convert_makes_them_sync_as_deltas(
     (layer_digest,) = [x["digest"] for x in got["layers"]]
     tar = gzip.decompress((dest / "blobs/sha256" / layer_digest[7:]).read_bytes())
     assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff_ids[0]
+
+
+def test_a_streamed_layer_that_is_not_the_layer_falls_back_to_chunks(
+    upstream: Upstream, casd_a: Casd, casd_b: Casd, tmp_path: Path
+) -> None:
+    """The source streams a layer from its cache as it is; a damaged copy there reaches
+    the destination, which finds the digest wrong, stores none of it, and fetches the
+    layer's chunks instead."""
+    root = tmp_path / "rootfs"
+    shutil.copytree(STDLIB / "email", root / "usr/lib/email")
+    image = build_layout_umoci(tmp_path / "umoci", "v1", [root])
+    push_layout(tmp_path / "umoci", "v1", upstream.registry.host, "lib/rot")
+    import_(casd_a, f"{upstream.registry.host}/lib/rot:v1")
+    ok(casd_a("oci", "convert", "lib/rot:v1", "lib/rot:v1-casd"))
+    info = json.loads(ok(casd_a("oci", "inspect", "lib/rot:v1-casd", "--json")).out)
+    layer = info["manifests"][0]["layers"][0]["digest"]
+    cached = casd_a.daemon.data / "oci-cache" / layer.replace(":", "-")
+    damaged = bytearray(cached.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    cached.write_bytes(bytes(damaged))
+
+    r = json.loads(
+        ok(
+            casd_a(
+                "sync", casd_a.daemon.address, casd_b.daemon.address, "lib/rot:v1-casd", "--json"
+            )
+        ).out
+    )
+    assert r["layers_streamed"] == 0
+    assert r["chunks_fetched"] > 0  # the tar's chunks came instead
+    entry = pull_with_skopeo(casd_b.oci, "lib/rot:v1-casd", tmp_path / "pulled")
+    assert entry["digest"] == info["digest"]
+    tar = gzip.decompress((tmp_path / "pulled/blobs/sha256" / layer[7:]).read_bytes())
+    diff_ids = json.loads(image.config)["rootfs"]["diff_ids"]
+    assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff_ids[0]
+    assert ok(casd_b("fsck", "--deep")).code == 0
 
 
 def test_casctl_oci_export_writes_a_layout_skopeo_reads(

@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from casd.oci.gzipre import LayerFormatError
-from casd.oci.members import HEADER, SEGMENT, MembersEncoder, MembersParams, member
+from casd.oci.members import (
+    HEADER,
+    SEGMENT,
+    MembersDecoder,
+    MembersEncoder,
+    MembersParams,
+    member,
+)
 
 SMALL = 4096  # the smallest segment allowed: many members from little data
 
@@ -113,3 +120,50 @@ def test_the_encoder_refuses_use_after_finish() -> None:
         enc.update(b"more")
     with pytest.raises(ValueError, match="twice"):
         enc.finish()
+
+
+def decode(stream: bytes, params: MembersParams, cuts: list[int] | None = None) -> bytes:
+    dec = MembersDecoder(params)
+    out: list[bytes | bytearray] = []
+    pos = 0
+    for cut in sorted(cuts or []):
+        out.extend(dec.feed(stream[pos:cut]))
+        pos = max(pos, cut)
+    out.extend(dec.feed(stream[pos:]))
+    out.extend(dec.finish())
+    return b"".join(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=40_000) | st.integers(0, 60_000).map(text),
+    cuts=st.lists(st.integers(0, 60_000), max_size=6),
+    level=st.sampled_from([1, 6, 12]),
+)
+def test_a_series_decodes_to_its_input_however_the_bytes_arrive(
+    data: bytes, cuts: list[int], level: int
+) -> None:
+    params = MembersParams(level=level, segment=SMALL)
+    assert decode(encode(data, params), params, cuts) == data
+
+
+def test_decoding_checks_that_this_host_makes_each_member_again() -> None:
+    data = text(30_000, seed=3)
+    params = MembersParams(level=1, segment=SMALL)
+    good = encode(data, params)
+    # Made at another level: valid gzip that decodes fine elsewhere, but not what this
+    # host's encoder makes with the recorded parameters.
+    other = encode(data, MembersParams(level=9, segment=SMALL))
+    assert gzip.decompress(other) == data
+    with pytest.raises(LayerFormatError, match="does not make"):
+        decode(other, params)
+    # A flipped bit, a member gone, the stream cut short, or something else than members.
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x10
+    first = len(member(data[:SMALL], 1))
+    dropped = good[:first] + good[2 * first :]
+    for bad in (bytes(flipped), dropped, good[: len(good) - 5], gzip.compress(data)):
+        with pytest.raises(LayerFormatError):
+            decode(bad, params)
+    with pytest.raises(LayerFormatError):
+        decode(b"", params)
