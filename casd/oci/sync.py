@@ -430,7 +430,8 @@ def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder
             yield piece
 
     encoding = rec.encoding or {}
-    if encoding.get("codec") == members.CODEC:
+    checked_members = encoding.get("codec") == members.CODEC
+    if checked_members:
         params = members.MembersParams.from_dict(
             {k: v for k, v in encoding.items() if k != "codec"}
         )
@@ -457,7 +458,8 @@ def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder
         if w.digest != rec.uncompressed:
             raise DigestMismatch(rec.uncompressed, w.digest)
         w.commit()
-    landing.kept_whole()
+    if checked_members:
+        landing.kept_whole()
     return w.size
 
 
