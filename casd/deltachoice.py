@@ -23,15 +23,18 @@ the encode time across the benchmark corpus).
 
 Before anything is measured the first batch is served as deltas (the only way to learn
 what they save), and while plain chunks are chosen one batch in ``explore_every`` goes
-as deltas, so a change of data or link is noticed. Such an *exploring* batch encodes only
-its first ``EXPLORE_CHUNKS`` chunks: a batch of large chunks costs a tenth of a second
-of CPU to encode whole, which on a fast link is the time the exploration was meant to
-save. Where no link figure exists at all (a stream that is not TCP), deltas are served,
-as the receiver asked for them.
+as deltas, so a change of data or link is noticed. Where no link figure exists at all (a
+stream that is not TCP), deltas are served, as the receiver asked for them.
 
-What a connection measured outlives it (:class:`Choosers`): each sync is a new
-connection, and one that started from nothing explored its first batch even where the
-last sync from the same host had found that deltas do not pay.
+Each sync is a connection of its own. What deltas save depends on the data, so each
+connection measures that afresh; the link and the CPU a byte of encoding costs belong
+to the client's host, so they are kept across its connections (:class:`HostFigures`).
+A connection from a host whose link is known to be so fast that a delta could not pay
+even if it saved every byte (1 Gbit/s here) does not encode its first batch to find out.
+Two things that were tried and lost: keeping the savings too (a step whose deltas saved
+little turned them off for the next image's, which saved a third); and measuring on 8
+chunks of a batch instead of all of it (each read its bases alone where neighbours in a
+batch share them, so the CPU per byte came out several times too high).
 Not thread-safe: used from the event loop only.
 """
 
@@ -43,11 +46,23 @@ from dataclasses import dataclass, field
 #: The receiver's decode CPU, as a share of the sender's encode CPU.
 DECODE_SHARE = 0.5
 
-#: Chunks an exploring batch encodes as deltas; the rest of it goes plain.
-EXPLORE_CHUNKS = 8
-
 #: Hosts whose measurements a server keeps, the least recently seen dropped first.
 HOSTS_KEPT = 256
+
+
+@dataclass
+class HostFigures:
+    """What a client host's connections measured that outlives them: its link's delivery
+    rate (bytes/s) and the CPU a raw byte of delta encoding cost."""
+
+    link_rate: float | None = None
+    cpu_per_raw: float | None = None
+
+    def could_pay(self) -> bool:
+        """Whether a delta could pay on this link at all: if it saved every byte."""
+        if self.link_rate is None or self.cpu_per_raw is None:
+            return True
+        return 1.0 / self.link_rate > self.cpu_per_raw * (1 + DECODE_SHARE)
 
 
 @dataclass
@@ -66,30 +81,27 @@ class DeltaChooser:
     app_limited: bool = False
     link_known: bool = False
     batches: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
-    #: Whether the last True from :meth:`choose` was to measure (encode a sample only:
-    #: EXPLORE_CHUNKS) rather than because deltas pay.
-    exploring: bool = False
+    #: The client host's figures, shared with its other connections.
+    host: HostFigures = field(default_factory=HostFigures)
     _since_explore: int = 0
 
     def choose(self) -> bool:
-        """Whether the next batch should be delta-encoded; :attr:`exploring` says
-        whether only a sample of it."""
-        self.exploring = False
-        if self.saved_per_raw is None:  # nothing measured yet: only a delta batch tells
-            self.exploring = True
-            return True
+        """Whether the next batch should be delta-encoded."""
+        if self.saved_per_raw is None and self.host.could_pay():
+            return True  # nothing measured yet: only a delta batch tells
         if self.pays():
             self._since_explore = 0
             return True
         self._since_explore += 1
         if self._since_explore >= self.explore_every:
             self._since_explore = 0
-            self.exploring = True
             return True
         return False
 
     def pays(self) -> bool:
         """Whether, on what was measured so far, a delta saves more time than it costs."""
+        if self.saved_per_raw is None:
+            return False  # not measured on this connection, and the host's link says no
         if not self.link_known:
             return True
         if self.app_limited or not self.link_rate:
@@ -110,6 +122,7 @@ class DeltaChooser:
         else:
             self.saved_per_raw += self.alpha * (saved - self.saved_per_raw)
             self.cpu_per_raw += self.alpha * (cpu - self.cpu_per_raw)
+        self.host.cpu_per_raw = self.cpu_per_raw
 
     def observe_link(self, rate: float, app_limited: bool) -> None:
         """The kernel's latest delivery-rate sample for this connection (bytes/s)."""
@@ -118,19 +131,20 @@ class DeltaChooser:
         if not app_limited and rate > 0:
             old = self.link_rate
             self.link_rate = rate if old is None else old + self.alpha * (rate - old)
+            self.host.link_rate = self.link_rate
 
 
 class Choosers:
-    """One :class:`DeltaChooser` per client host, kept across its connections (at most
-    HOSTS_KEPT hosts)."""
+    """Per client host, its :class:`HostFigures` (at most HOSTS_KEPT hosts, the least
+    recently seen dropped first); a connection's chooser starts from them."""
 
     def __init__(self, limit: int = HOSTS_KEPT) -> None:
         self._limit = limit
-        self._by_host: OrderedDict[str, DeltaChooser] = OrderedDict()
+        self._by_host: OrderedDict[str, HostFigures] = OrderedDict()
 
     def for_host(self, host: str) -> DeltaChooser:
-        chooser = self._by_host.pop(host, None) or DeltaChooser()
-        self._by_host[host] = chooser
+        figures = self._by_host.pop(host, None) or HostFigures()
+        self._by_host[host] = figures
         while len(self._by_host) > self._limit:
             self._by_host.popitem(last=False)
-        return chooser
+        return DeltaChooser(host=figures)

@@ -161,6 +161,25 @@ async def sync_with_images(
     return report
 
 
+def _done(report: SyncReport) -> int:
+    """What a sync's progress counts as done: chunk bytes fetched, and layers streamed."""
+    return report.bytes_raw_fetched + report.layer_stream_bytes
+
+
+def _after(report: SyncReport, on_progress: Progress) -> Progress:
+    """``on_progress`` for a part of the sync that counts from zero (a sync_into_store
+    call of its own), counting on from what ``report`` has done: one sync's progress
+    grows, part after part."""
+    if on_progress is None:
+        return None
+    send, before = on_progress, _done(report)
+
+    async def shifted(p: dict[str, int | float | str]) -> None:
+        await send({**p, "bytes_done": before + int(p.get("bytes_done", 0))})
+
+    return shifted
+
+
 async def _sync_digests(
     src: Client,
     store: Store,
@@ -182,7 +201,7 @@ async def _sync_digests(
         store,
         run,
         [(d, d) for d in todo],
-        on_progress=on_progress,
+        on_progress=_after(report, on_progress),
         base_hints=hints,
         on_blob=on_blob,
         tee=tee,
@@ -374,10 +393,16 @@ async def _land_compressed(
     progress = Throttle(on_progress)
     done = [0]
 
+    before = _done(report)
+
     async def arrived(size: int) -> None:
         done[0] += size
         await progress(
-            {"name": rec.digest, "bytes_done": done[0], "wire_bytes": src.peer.wire_bytes - wire}
+            {
+                "name": rec.digest,
+                "bytes_done": before + done[0],
+                "wire_bytes": src.peer.wire_bytes - wire,
+            }
         )
 
     def land(pieces: Iterator[bytes]) -> None:

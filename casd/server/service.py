@@ -28,7 +28,7 @@ from casd import ingest as ingest_mod
 from casd.auth import Scope, TokenTable, required_scope
 from casd.blobdelta import Link
 from casd.client import VerifiedChunk, open_client
-from casd.deltachoice import EXPLORE_CHUNKS, Choosers
+from casd.deltachoice import Choosers
 from casd.errors import (
     BlobMissing,
     CasdError,
@@ -623,9 +623,9 @@ class Session:
         bases = ev.bases if isinstance(ev, casproto.WantDelta) else None
         Frames = list[casproto.Chunk | casproto.ChunkPack]
 
-        def read(start: int, end: int, tries: int) -> tuple[Frames, int, float, float, int]:
-            # ``tries``: how many of the chunks that have bases to encode as deltas; the
-            # raw size returned is theirs (what the delta choice weighs savings against).
+        def read(start: int, end: int, delta: bool) -> tuple[Frames, int, float, float, int]:
+            # As deltas, the raw size returned is that of the chunks tried as deltas
+            # (what the delta choice weighs savings and CPU against).
             out: Frames = []
             run: list[tuple[casproto.Chunk, StoredChunk]] = []  # small chunks to pack
             # Neighbouring chunks list the same bases (the same region of the old version):
@@ -642,8 +642,7 @@ class Session:
                     frame = casproto.Chunk(ev.rid, cid, casproto.Codec.RAW, store.get_chunk(cid))
                 else:
                     frame = casproto.Chunk(ev.rid, cid, casproto.Codec(s.codec), s.payload)
-                if tries > 0 and bases is not None and bases[k]:
-                    tries -= 1
+                if delta and bases is not None and bases[k]:
                     raw += s.raw_size
                     t0, c0 = time.perf_counter(), time.thread_time()
                     plain = len(frame.data)
@@ -667,11 +666,11 @@ class Session:
             out.extend(self._pack(ev.rid, run, zstd_ok))
             return out, raw, encode_s, cpu_s, saved
 
-        async def read_batch(start: int, end: int, tries: int) -> tuple[Frames, int, float, int]:
+        async def read_batch(start: int, end: int, delta: bool) -> tuple[Frames, int, float, int]:
             # The batch's frames; for the chunks tried as deltas, their raw size, the CPU
             # seconds they cost and the bytes they saved (what the delta choice weighs).
-            if tries < end - start or end - start < 8:
-                frames, raw, encode_s, cpu_s, saved = await self.ctx.run(read, start, end, tries)
+            if not delta or end - start < 8:
+                frames, raw, encode_s, cpu_s, saved = await self.ctx.run(read, start, end, delta)
             else:
                 # zstd releases the GIL: two threads encode the two halves of a batch.
                 mid = (start + end) // 2
@@ -681,7 +680,7 @@ class Session:
 
                 async def half(k: int, lo: int, hi: int) -> None:
                     try:
-                        parts[k] = await self.ctx.run(read, lo, hi, hi - lo)
+                        parts[k] = await self.ctx.run(read, lo, hi, delta)
                     except CasdError as exc:  # both halves may fail (unknown ids): report one
                         failed.append(exc)
 
@@ -708,10 +707,7 @@ class Session:
                     offered = bases is not None and any(bases[i:end])
                     # Whether deltas pay is measured, not assumed (casd.deltachoice).
                     delta = offered and self._delta.choose()
-                    tries = 0 if not delta else end - i
-                    if delta and self._delta.exploring:  # measuring: a sample will do
-                        tries = EXPLORE_CHUNKS
-                    frames, raw, cpu_s, saved = await read_batch(i, end, tries)
+                    frames, raw, cpu_s, saved = await read_batch(i, end, delta)
                     await send.send((frames, raw, delta if offered else None, cpu_s, saved))
 
         try:
