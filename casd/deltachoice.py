@@ -49,6 +49,29 @@ DECODE_SHARE = 0.5
 #: Hosts whose measurements a server keeps, the least recently seen dropped first.
 HOSTS_KEPT = 256
 
+#: Weight of the newest batch in the running figures.
+ALPHA = 0.3
+
+
+@dataclass
+class _Ratio:
+    """A ratio of two running sums, each decayed by ``1 - alpha`` per batch: a batch
+    weighs by its size. A batch of one small chunk whose bases had to be read costs much
+    CPU per byte; averaged per batch, one such batch outweighed sixty-four-chunk ones and
+    turned deltas off over 20 Mbit/s."""
+
+    alpha: float
+    num: float = 0.0
+    den: float = 0.0
+
+    def add(self, num: float, den: float) -> None:
+        self.num = self.num * (1 - self.alpha) + num
+        self.den = self.den * (1 - self.alpha) + den
+
+    @property
+    def value(self) -> float | None:
+        return self.num / self.den if self.den > 0 else None
+
 
 @dataclass
 class HostFigures:
@@ -56,7 +79,11 @@ class HostFigures:
     rate (bytes/s) and the CPU a raw byte of delta encoding cost."""
 
     link_rate: float | None = None
-    cpu_per_raw: float | None = None
+    cpu: _Ratio = field(default_factory=lambda: _Ratio(ALPHA))
+
+    @property
+    def cpu_per_raw(self) -> float | None:
+        return self.cpu.value
 
     def could_pay(self) -> bool:
         """Whether a delta could pay on this link at all: if it saved every byte."""
@@ -69,12 +96,8 @@ class HostFigures:
 class DeltaChooser:
     #: While plain chunks win, one batch in this many goes as deltas to re-measure.
     explore_every: int = 16
-    #: Weight of the newest measurement in each running average.
-    alpha: float = 0.3
-    #: Bytes a delta saved on the wire, per raw byte of the chunks it encoded.
-    saved_per_raw: float | None = None
-    #: CPU seconds encoding took, per raw byte.
-    cpu_per_raw: float | None = None
+    #: Weight of the newest batch in each running figure.
+    alpha: float = ALPHA
     #: The link's delivery rate in bytes per second, from samples taken while the
     #: sender kept it busy; ``app_limited``: the latest sample found it waiting for us.
     link_rate: float | None = None
@@ -84,6 +107,18 @@ class DeltaChooser:
     #: The client host's figures, shared with its other connections.
     host: HostFigures = field(default_factory=HostFigures)
     _since_explore: int = 0
+    _saved: _Ratio | None = None
+    _cpu: _Ratio | None = None
+
+    @property
+    def saved_per_raw(self) -> float | None:
+        """Bytes a delta saved on the wire, per raw byte of the chunks it encoded."""
+        return self._saved.value if self._saved is not None else None
+
+    @property
+    def cpu_per_raw(self) -> float | None:
+        """CPU seconds encoding took, per raw byte."""
+        return self._cpu.value if self._cpu is not None else None
 
     def choose(self) -> bool:
         """Whether the next batch should be delta-encoded."""
@@ -106,9 +141,10 @@ class DeltaChooser:
             return True
         if self.app_limited or not self.link_rate:
             return False
-        assert self.saved_per_raw is not None
-        assert self.cpu_per_raw is not None
-        return self.saved_per_raw / self.link_rate > self.cpu_per_raw * (1 + DECODE_SHARE)
+        saved, cpu = self.saved_per_raw, self.cpu_per_raw
+        assert saved is not None
+        assert cpu is not None
+        return saved / self.link_rate > cpu * (1 + DECODE_SHARE)
 
     def record(self, delta: bool, raw_bytes: int, saved_bytes: int = 0, cpu_s: float = 0.0) -> None:
         """A batch of ``raw_bytes`` chunk bytes went out; as deltas, it saved
@@ -116,13 +152,11 @@ class DeltaChooser:
         self.batches[delta] += 1
         if not delta or raw_bytes <= 0:
             return
-        saved, cpu = max(saved_bytes, 0) / raw_bytes, max(cpu_s, 0.0) / raw_bytes
-        if self.saved_per_raw is None or self.cpu_per_raw is None:
-            self.saved_per_raw, self.cpu_per_raw = saved, cpu
-        else:
-            self.saved_per_raw += self.alpha * (saved - self.saved_per_raw)
-            self.cpu_per_raw += self.alpha * (cpu - self.cpu_per_raw)
-        self.host.cpu_per_raw = self.cpu_per_raw
+        if self._saved is None or self._cpu is None:
+            self._saved, self._cpu = _Ratio(self.alpha), _Ratio(self.alpha)
+        self._saved.add(max(saved_bytes, 0), raw_bytes)
+        self._cpu.add(max(cpu_s, 0.0), raw_bytes)
+        self.host.cpu.add(max(cpu_s, 0.0), raw_bytes)
 
     def observe_link(self, rate: float, app_limited: bool) -> None:
         """The kernel's latest delivery-rate sample for this connection (bytes/s)."""

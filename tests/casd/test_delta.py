@@ -270,6 +270,18 @@ def test_a_sync_whose_deltas_saved_little_does_not_turn_them_off_for_the_next() 
     assert all(kinds)
 
 
+def test_a_batch_weighs_by_its_size() -> None:
+    # 20 Mbit/s, batches of 1 MB that pay; then a batch of one 512-byte chunk whose bases
+    # had to be read: 0.2 ms, 400 ns per byte. It must not turn deltas off, here or for
+    # the host's next connection.
+    choosers = Choosers()
+    chooser = choosers.for_host("198.18.0.2")
+    simulate(chooser, link_rate=2.5 * MB, saved_per_raw=0.3, cpu_per_raw=30e-9, n=8)
+    chooser.record(True, 512, 0, 0.2e-3)
+    assert chooser.pays()
+    assert choosers.for_host("198.18.0.2").choose() is True
+
+
 async def test_a_sync_from_a_host_found_not_to_pay_skips_the_measuring_batch() -> None:
     """A new connection starts from what earlier ones from the same host measured: where
     deltas were found not to pay, its first batch goes plain instead of being encoded
