@@ -158,6 +158,19 @@ class DeltaChooser:
         self._cpu.add(max(cpu_s, 0.0), raw_bytes)
         self.host.cpu.add(max(cpu_s, 0.0), raw_bytes)
 
+    def describe(self) -> str:
+        """What it chose and why, for the log."""
+
+        def f(x: float | None, scale: float, unit: str) -> str:
+            return "?" if x is None else f"{x * scale:.3g} {unit}"
+
+        return (
+            f"delta batches {self.batches[True]}, plain {self.batches[False]}; saved "
+            f"{f(self.saved_per_raw, 100, '%')} of raw, encode {f(self.cpu_per_raw, 1e9, 'ns/B')}, "
+            f"link {f(self.link_rate, 8e-6, 'Mbit/s')} (host: "
+            f"{f(self.host.link_rate, 8e-6, 'Mbit/s')}, {f(self.host.cpu_per_raw, 1e9, 'ns/B')})"
+        )
+
     def observe_link(self, rate: float, app_limited: bool) -> None:
         """The kernel's latest delivery-rate sample for this connection (bytes/s)."""
         self.link_known = True

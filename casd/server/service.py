@@ -339,6 +339,10 @@ class Session:
             await self._send_fatal(exc.code, str(exc))
         except PeerGone as exc:
             log.info("%s: %s", self.peer.ident, exc)
+        finally:
+            d = self._delta
+            if d.batches[True] or d.batches[False]:
+                log.info("%s: %s", self.peer.ident, d.describe())
 
     async def _send_fatal(self, code: ErrorCode, message: str) -> None:
         with trio.move_on_after(5):
