@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,6 +122,12 @@ def layout_blobs(dest: Path) -> set[str]:
 
 def import_(c: Casd, ref: str, *extra: str) -> dict[str, object]:
     r = ok(c("oci", "import", ref, "--insecure", "--json", *extra))
+    return json.loads(r.out)  # type: ignore[no-any-return]
+
+
+def sync_(a: Casd, b: Casd, name: str) -> dict[str, Any]:
+    """`casctl sync A B NAME --json`, run against A: its report."""
+    r = ok(a("sync", a.daemon.address, b.daemon.address, name, "--json"))
     return json.loads(r.out)  # type: ignore[no-any-return]
 
 
@@ -267,11 +274,7 @@ def test_versions_share_chunks_at_rest_and_sync_as_deltas(
     ok(casd_a("sync", casd_a.daemon.address, casd_b.daemon.address, "lib/pyapp:v1"))
     v1_chunks = distinct_chunks(*tars[1])
     lacking = [c for cid, c in distinct_chunks(*tars[2]).items() if cid not in v1_chunks]
-    r = json.loads(
-        ok(
-            casd_a("sync", casd_a.daemon.address, casd_b.daemon.address, "lib/pyapp:v2", "--json")
-        ).out
-    )
+    r = sync_(casd_a, casd_b, "lib/pyapp:v2")
     plain = sum(images[2].layer_sizes)
     print(
         f"sync of v2: {r['wire_bytes']} B on the wire; zstd of the chunks B lacks "
@@ -319,25 +322,13 @@ def test_go_gzip_layers_are_kept_raw_and_convert_makes_them_sync_as_deltas(
         assert m["layers"][0]["stored"] == "reencodable"
 
     # B holds no version yet: the layer comes as its compressed bytes, as from a registry.
-    first = json.loads(
-        ok(
-            casd_a(
-                "sync", casd_a.daemon.address, casd_b.daemon.address, "lib/goimg:v1-casd", "--json"
-            )
-        ).out
-    )
+    first = sync_(casd_a, casd_b, "lib/goimg:v1-casd")
     assert first["layers_streamed"] == 1
     converted_size = json.loads(ok(casd_a("oci", "inspect", "lib/goimg:v1-casd", "--json")).out)[
         "manifests"
     ][0]["layers"][0]["size"]
     assert first["layer_stream_bytes"] < converted_size * 1.02 + 20_000
-    r = json.loads(
-        ok(
-            casd_a(
-                "sync", casd_a.daemon.address, casd_b.daemon.address, "lib/goimg:v2-casd", "--json"
-            )
-        ).out
-    )
+    r = sync_(casd_a, casd_b, "lib/goimg:v2-casd")
     layer_size = images[2].layer_sizes[0]
     print(f"converted v2 synced in {r['wire_bytes']} B; its gzip layer is {layer_size} B")
     assert r["layers_streamed"] == 0  # it has an old version here: chunks, as deltas
@@ -373,13 +364,7 @@ def test_a_streamed_layer_that_is_not_the_layer_falls_back_to_chunks(
     damaged[len(damaged) // 2] ^= 0x40
     cached.write_bytes(bytes(damaged))
 
-    r = json.loads(
-        ok(
-            casd_a(
-                "sync", casd_a.daemon.address, casd_b.daemon.address, "lib/rot:v1-casd", "--json"
-            )
-        ).out
-    )
+    r = sync_(casd_a, casd_b, "lib/rot:v1-casd")
     assert r["layers_streamed"] == 0
     assert r["chunks_fetched"] > 0  # the tar's chunks came instead
     entry = pull_with_skopeo(casd_b.oci, "lib/rot:v1-casd", tmp_path / "pulled")
@@ -410,9 +395,7 @@ def test_a_raw_layer_syncs_as_its_compressed_bytes_and_converts_on_arrival(
     image = build_layout_umoci(tmp_path / "umoci", "v1", [root])
     push_layout(tmp_path / "umoci", "v1", upstream.registry.host, "lib/raw")
     import_(casd_a, f"{upstream.registry.host}/lib/raw:v1")
-    r = json.loads(
-        ok(casd_a("sync", casd_a.daemon.address, casd_b.daemon.address, "lib/raw:v1", "--json")).out
-    )
+    r = sync_(casd_a, casd_b, "lib/raw:v1")
     layer = image.layer_sizes[0]
     print(f"raw layer of {layer} B synced in {r['wire_bytes']} B")
     # Only the compressed bytes cross (not the tar as well); the overhead is the protocol's.

@@ -5,12 +5,11 @@ bytes that are not the layer."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 from pathlib import Path
 
 import pytest
 
-from casd.chunking import Chunker, format_digest
+from casd.chunking import Chunker
 from casd.errors import CasdError
 from casd.oci import media, members
 from casd.oci.importer import ingest_layer
@@ -18,18 +17,7 @@ from casd.oci.layers import LayerRecord, read_record
 from casd.oci.sync import _Reencoder, _store_compressed
 from casd.storage.memory import MemoryStore
 from casd.storage.testing import read_blob
-from tests.oci.images import make_tar, real_files
-
-
-def sha(data: bytes) -> str:
-    return format_digest(hashlib.sha256(data).digest())
-
-
-@pytest.fixture(scope="module")
-def tar_bytes() -> bytes:
-    return make_tar(
-        real_files("/usr/lib/python3", 3_000_000, suffixes=(".py",)), mtime=1_700_000_000
-    )
+from tests.oci.images import sha256_digest as sha
 
 
 def imported(tmp_path: Path, tar_bytes: bytes, how: str) -> tuple[MemoryStore, bytes, LayerRecord]:

@@ -30,18 +30,10 @@ from casd.oci.layers import (
 from casd.oci.ops import convert_image, inspect_image, materialize
 from casd.oci.source import StoreSource
 from casd.storage.memory import MemoryStore
-from tests.oci.images import make_tar, real_files
 
 
 def sha(data: bytes) -> str:
     return format_digest(hashlib.sha256(data).digest())
-
-
-@pytest.fixture(scope="module")
-def tar_bytes() -> bytes:
-    return make_tar(
-        real_files("/usr/lib/python3", 3_000_000, suffixes=(".py",)), mtime=1_700_000_000
-    )
 
 
 def spool(tmp_path: Path, data: bytes) -> str:
