@@ -758,10 +758,13 @@ async def stream_to_thread(
     consume: Callable[[Iterator[bytes]], None],
     ahead: int,
     on_piece: Callable[[int], Awaitable[None]] | None = None,
+    on_sent: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Call ``op``, whose answer streams (CALL_DATA), and hand its pieces as they cross to
     ``consume``, run by ``run`` in a worker thread (at most ``ahead`` pieces wait for it);
-    ``op``'s result. ``on_piece(size)`` is awaited as each piece arrives (progress). A
+    ``op``'s result. ``on_piece(size)`` is awaited as each piece arrives (progress);
+    ``on_sent()`` is called once the source stopped sending (``consume`` may still be
+    at work on the last pieces). A
     stream that fails ends early for ``consume``, and the cause is raised; if
     ``consume`` fails first, the source is told to stop.
 
@@ -795,6 +798,9 @@ async def stream_to_thread(
                 failed.append(exc)
             except trio.BrokenResourceError:
                 pass  # the consumer stopped first: it has the error
+            finally:
+                if on_sent is not None:
+                    on_sent()
 
     try:
         async with open_nursery() as nursery:

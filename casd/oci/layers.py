@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -377,7 +377,29 @@ def verified_encoding(store: Store, record: LayerRecord) -> Iterator[bytes]:
     )
 
 
+def reencodes(store: Store, digest: str) -> bool:
+    """Whether this host makes layer ``digest``'s compressed bytes, byte for byte, from
+    the tar it holds (the check :class:`LayerCache` runs before evicting a file adopted
+    unchecked). Re-encodes the whole layer."""
+    record = read_record(store, digest)
+    if record is None or not record.reencodable or record.raw is not None:
+        return False
+    try:
+        for _ in verified_encoding(store, record):
+            pass
+    except LayerError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
+
+
 # --- the cache of verified re-encodings ------------------------------------------------
+
+
+#: Beside a cached file whose bytes are the layer's (their digest matched) but which this
+#: host has not made again from the tar in full (a landing checked a sample of its
+#: members): it is not evicted until a whole re-encoding has reproduced it.
+UNCHECKED = ".unchecked"
 
 
 class LayerCache:
@@ -385,18 +407,25 @@ class LayerCache:
 
     Files are named by digest and written to a temporary name first, renamed only after
     their sha256 matched: a file in the cache is always a correct copy. Bounded by
-    ``max_bytes``; the least recently used files go first.
+    ``max_bytes``; the least recently used files go first, except that a file adopted
+    unchecked goes only once ``checker`` (digest -> whether this host re-encodes the
+    layer from its tar, byte for byte) said yes: until then it may be the only way this
+    host can serve the layer.
     """
 
     def __init__(self, directory: str, max_bytes: int = 8 * 1024**3) -> None:
         self.dir = directory
         self.max_bytes = max_bytes
+        self.checker: Callable[[str], bool] | None = None
         os.makedirs(directory, exist_ok=True)
         self._lock = threading.Lock()
         for leftover in os.listdir(directory):
-            if leftover.startswith("tmp"):
+            path = os.path.join(directory, leftover)
+            if leftover.startswith("tmp") or (
+                leftover.endswith(UNCHECKED) and not os.path.exists(path[: -len(UNCHECKED)])
+            ):
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, leftover))
+                    os.unlink(path)
 
     def path(self, digest: str) -> str:
         return os.path.join(self.dir, digest.replace(":", "-"))
@@ -412,6 +441,10 @@ class LayerCache:
 
     def has(self, digest: str) -> bool:
         return os.path.exists(self.path(digest))
+
+    def unchecked(self, digest: str) -> bool:
+        """Whether the cached copy of ``digest`` waits for a whole re-encoding."""
+        return os.path.exists(self.path(digest) + UNCHECKED)
 
     def fill(self, store: Store, record: LayerRecord) -> bool:
         """Re-encode ``record`` into the cache. Returns whether it reproduced its digest
@@ -439,19 +472,56 @@ class LayerCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(record.digest) + UNCHECKED)  # made here: checked
         self.evict()
         return True
 
-    def adopt(self, digest: str, path: str) -> None:
-        """Move a verified file (for example an import's spool) into the cache."""
+    def adopt(self, digest: str, path: str, *, checked: bool = True) -> None:
+        """Move a verified file (for example an import's spool) into the cache.
+        ``checked=False``: its digest matched, but this host has not yet made the same
+        bytes from the tar in full, so it is kept until it has (see :attr:`checker`)."""
+        marker = self.path(digest) + UNCHECKED
+        if not checked:
+            # The mark first: a crash between the two leaves a mark without a file
+            # (removed on start), never an unchecked file that looks checked.
+            with open(marker, "wb"):
+                pass
         os.replace(path, self.path(digest))
+        if checked:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
         self.evict()
+
+    def _may_go(self, path: str) -> bool:
+        """Whether the cached file at ``path`` may be evicted: checked, or found now to
+        be what this host makes of the layer's tar (worth the time: the alternative is
+        keeping it past the bound)."""
+        marker = path + UNCHECKED
+        if not os.path.exists(marker):
+            return True
+        digest = os.path.basename(path).replace("-", ":", 1)
+        try:
+            ok = self.checker is not None and self.checker(digest)
+        except Exception as exc:  # a check that cannot run keeps the file
+            log.warning("cannot check cached layer %s: %s", digest, exc)
+            ok = False
+        if not ok:
+            log.warning(
+                "keeping cached layer %s beyond the cache bound: this host does not make "
+                "its bytes again from its tar",
+                digest,
+            )
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
+        return True
 
     def evict(self) -> None:
         with self._lock:
             entries = []
             for entry in os.scandir(self.dir):
-                if entry.name.startswith("tmp"):
+                if entry.name.startswith("tmp") or entry.name.endswith(UNCHECKED):
                     continue
                 with contextlib.suppress(OSError):
                     st = entry.stat()
@@ -460,6 +530,8 @@ class LayerCache:
             for _, size, path in sorted(entries):
                 if total <= self.max_bytes:
                     break
+                if not self._may_go(path):
+                    continue
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                     total -= size

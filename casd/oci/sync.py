@@ -344,13 +344,36 @@ async def _complete_image(
         # sends it: with nothing to encode against, chunks would save a few per cent of
         # the bytes and cost both hosts their CPU (the source reads and packs tens of
         # thousands of chunks, this side checks and compresses each again).
+        # One after another on the wire, each at the link's full rate; but the next
+        # starts as soon as the one before has crossed, while its tail is still being
+        # stored: the link never idles between layers (an idle connection also falls
+        # back to TCP slow start).
         streamed: set[str] = set()
-        for content, r in list(landing.items()):
-            if content in hints or await run(store.has_blob, content):
-                continue
-            if await _land_compressed(src, store, run, r, report, on_progress):
+        in_flight = [0]
+
+        async def land(
+            content: str, r: _Reencoder, after: trio.Event | None, crossed: trio.Event
+        ) -> None:
+            try:
+                if after is not None:
+                    await after.wait()
+                ok = await _land_compressed(
+                    src, store, run, r, report, on_progress, in_flight, crossed.set
+                )
+            finally:
+                crossed.set()
+            if ok:
                 streamed.add(content)
                 await arrived(content)
+
+        async with open_nursery() as landings:
+            after: trio.Event | None = None
+            for content, r in list(landing.items()):
+                if content in hints or await run(store.has_blob, content):
+                    continue
+                crossed = trio.Event()
+                landings.start_soon(land, content, r, after, crossed)
+                after = crossed
         await _sync_digests(
             src,
             store,
@@ -382,25 +405,28 @@ async def _land_compressed(
     landing: _Reencoder,
     report: SyncReport,
     on_progress: Progress,
+    in_flight: list[int],
+    received: Callable[[], None] | None = None,
 ) -> bool:
     """Fetch the layer ``landing`` re-encodes as its compressed bytes (oci.layer) and
     store its tar, as the importer would from a registry. Returns False where that
     failed and nothing of it is visible (the source cannot stream it, or what came is
-    not the layer): its chunks come instead."""
+    not the layer): its chunks come instead. ``received`` is called once the source
+    sent its last byte (the tar is still being stored); ``in_flight[0]`` counts the
+    bytes of the landings under way, for progress."""
     rec = landing.rec
     wire, started = src.peer.wire_bytes, trio.current_time()
     made: list[int] = []
     progress = Throttle(on_progress)
     done = [0]
 
-    before = _done(report)
-
     async def arrived(size: int) -> None:
         done[0] += size
+        in_flight[0] += size
         await progress(
             {
                 "name": rec.digest,
-                "bytes_done": before + done[0],
+                "bytes_done": _done(report) + in_flight[0],
                 "wire_bytes": src.peer.wire_bytes - wire,
             }
         )
@@ -410,14 +436,24 @@ async def _land_compressed(
 
     try:
         await stream_to_thread(
-            src, run, "oci.layer", {"digest": rec.digest}, land, LAYER_PIECES_AHEAD, arrived
+            src,
+            run,
+            "oci.layer",
+            {"digest": rec.digest},
+            land,
+            LAYER_PIECES_AHEAD,
+            arrived,
+            received,
         )
     except NoSpace:
         raise
     except (PeerRefused, UserError, StoreError, LayerError, gzipre.LayerFormatError) as exc:
         log.warning("layer %s did not stream (%s); fetching its chunks", rec.digest, exc)
         return False
-    wire = src.peer.wire_bytes - wire
+    finally:
+        in_flight[0] -= done[0]
+    # Another landing may have run alongside: what crossed is measured by bytes.
+    wire = max(done[0], src.peer.wire_bytes - wire)
     report.layers_streamed += 1
     report.layer_stream_bytes += wire
     report.blobs_copied += 1
@@ -460,7 +496,9 @@ def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder
         params = members.MembersParams.from_dict(
             {k: v for k, v in encoding.items() if k != "codec"}
         )
-        decoder = members.MembersDecoder(params)
+        # Members are deflated again only in part when the cache keeps the bytes (and
+        # holds them until the whole layer was made here): else in full, now.
+        decoder = members.MembersDecoder(params, sample=landing.keeps_bytes)
 
         def tar() -> Iterator[bytes | bytearray]:
             for piece in counted():
@@ -484,7 +522,7 @@ def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder
             raise DigestMismatch(rec.uncompressed, w.digest)
         w.commit()
     if checked_members:
-        landing.kept_whole()
+        landing.kept_whole(checked=decoder.fully_checked)
     return w.size
 
 
@@ -511,9 +549,15 @@ class _Reencoder:
         self._tmp: Any = None
         self._tmp_path = ""
         self._kept: bool | None = None  # None: re-encoding; else whether keep() had it all
+        self._checked = True
         if cache is not None and rec.size <= cache.max_bytes:
             fd, self._tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
             self._tmp = os.fdopen(fd, "wb")
+
+    @property
+    def keeps_bytes(self) -> bool:
+        """Whether the bytes handed to :meth:`keep` end in the cache (if they check)."""
+        return self._tmp is not None
 
     def feed(self, data: bytes) -> None:
         self.fed = True
@@ -532,8 +576,11 @@ class _Reencoder:
         if self._tmp is not None:
             self._tmp.write(piece)
 
-    def kept_whole(self) -> None:
+    def kept_whole(self, *, checked: bool = True) -> None:
+        """All the layer's bytes went to :meth:`keep`; ``checked``: and this host was
+        found to make them all again (else the cache keeps them until it has)."""
         self._kept = True
+        self._checked = checked
 
     def _out(self, piece: bytes) -> None:
         if piece:
@@ -556,7 +603,7 @@ class _Reencoder:
             self._tmp.close()
             self._tmp = None
             if ok and self._cache is not None:
-                self._cache.adopt(self.rec.digest, self._tmp_path)
+                self._cache.adopt(self.rec.digest, self._tmp_path, checked=self._checked)
             else:
                 os.unlink(self._tmp_path)
         return ok

@@ -27,7 +27,7 @@ from casd.auth import Scope, TokenTable, parse_token_lines
 from casd.chunking import ChunkerParams
 from casd.errors import CasdError, ConfigError
 from casd.nursery import open_nursery
-from casd.oci.layers import LayerCache
+from casd.oci.layers import LayerCache, reencodes
 from casd.server.service import ServerContext, handle_stream
 from casd.storage.disk import DiskStore
 
@@ -173,6 +173,7 @@ async def serve(
     )
     try:
         cache = LayerCache(os.path.join(config.data, "oci-cache"), config.oci_cache_bytes)
+        cache.checker = partial(reencodes, store)
         ctx = ServerContext(
             store=store,
             tokens=config.tokens,

@@ -13,7 +13,7 @@ from casd.chunking import Chunker
 from casd.errors import CasdError
 from casd.oci import media, members
 from casd.oci.importer import ingest_layer
-from casd.oci.layers import LayerRecord, read_record
+from casd.oci.layers import LayerCache, LayerRecord, read_record
 from casd.oci.sync import _Reencoder, _store_compressed
 from casd.storage.memory import MemoryStore
 from casd.storage.testing import read_blob
@@ -74,3 +74,19 @@ def test_bytes_that_are_not_the_layer_store_no_tar(
     with pytest.raises(CasdError):
         _store_compressed(dst, iter(pieces(bytes(bad))), _Reencoder(rec, None))
     assert not dst.has_blob(rec.uncompressed)
+
+
+@pytest.mark.parametrize("how", ["members", "zlib"])
+def test_the_cache_keeps_the_bytes_and_a_sampled_check_marks_them_unchecked(
+    tmp_path: Path, tar_bytes: bytes, how: str
+) -> None:
+    # A member series is deflated again in part when the cache keeps its bytes: the
+    # copy is marked and stays until a whole re-encoding made it (LayerCache.evict).
+    # A zlib layer is re-encoded whole as it lands: an ordinary copy.
+    _src, layer, rec = imported(tmp_path, tar_bytes, how)
+    cache = LayerCache(str(tmp_path / "cache"))
+    landing = _Reencoder(rec, cache)
+    _store_compressed(MemoryStore(), iter(pieces(layer)), landing)
+    assert landing.finish()
+    assert Path(cache.path(rec.digest)).read_bytes() == layer
+    assert cache.unchecked(rec.digest) == (how == "members")

@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from casd.chunking import Chunker, format_digest
 from casd.oci import media, members
 from casd.oci.importer import ImportError_, ingest_layer, layer_present
 from casd.oci.layers import (
+    UNCHECKED,
     LayerCache,
     LayerError,
     LayerRecord,
@@ -25,6 +27,7 @@ from casd.oci.layers import (
     put_bytes,
     read_blob,
     read_record,
+    reencodes,
     verified_encoding,
 )
 from casd.oci.ops import convert_image, inspect_image, materialize
@@ -184,6 +187,66 @@ def test_the_cache_evicts_the_least_recently_used(tmp_path: Path) -> None:
         cache.adopt(f"sha256:{i:064x}", str(p))
     assert not cache.has(f"sha256:{0:064x}")
     assert cache.has(f"sha256:{2:064x}")
+
+
+def test_a_copy_adopted_unchecked_is_evicted_only_once_this_host_makes_it(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP)
+    cache = LayerCache(str(tmp_path / "c"), max_bytes=len(layer) + 50)
+    copy = tmp_path / "landed"
+    copy.write_bytes(layer)
+    cache.adopt(sha(layer), str(copy), checked=False)
+    assert cache.unchecked(sha(layer))
+    asked: list[str] = []
+
+    def no(digest: str) -> bool:
+        asked.append(digest)
+        return False
+
+    def newer(i: int) -> None:
+        p = tmp_path / f"f{i}"
+        p.write_bytes(bytes(100))
+        cache.adopt(f"sha256:{i:064x}", str(p))
+
+    # No checker, or one that says no: kept past the bound, the others go instead.
+    newer(1)
+    cache.checker = no
+    newer(2)
+    assert asked == [sha(layer)]
+    assert cache.has(sha(layer))
+    assert cache.unchecked(sha(layer))
+    assert not cache.has(f"sha256:{1:064x}")
+    # Once this host makes the same bytes from the tar, it is an ordinary copy.
+    cache.checker = partial(reencodes, store)
+    newer(3)
+    assert not cache.has(sha(layer))
+    assert not cache.unchecked(sha(layer))
+    assert not [p for p in Path(cache.dir).iterdir() if p.name.endswith(UNCHECKED)]
+
+
+def test_a_re_encoded_copy_is_checked_and_a_lone_mark_goes_on_start(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    store = MemoryStore()
+    layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP)
+    rec = read_record(store, sha(layer))
+    assert rec is not None
+    cache = LayerCache(str(tmp_path / "c"))
+    copy = tmp_path / "landed"
+    copy.write_bytes(layer)
+    cache.adopt(rec.digest, str(copy), checked=False)
+    assert cache.fill(store, rec)
+    assert not cache.unchecked(rec.digest)
+    assert reencodes(store, rec.digest)
+    assert not reencodes(store, sha(b"no such layer"))
+    # A crash between the mark and the rename leaves a mark alone: gone on start.
+    Path(cache.path(sha(b"x")) + UNCHECKED).touch()
+    LayerCache(cache.dir)
+    assert sorted(p.name for p in Path(cache.dir).iterdir()) == [rec.digest.replace(":", "-")]
 
 
 async def test_the_store_source_serves_every_kind_of_blob_and_range(

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from casd.oci.gzipre import LayerFormatError
 from casd.oci.members import (
+    CHECK_EVERY,
     HEADER,
+    LIB,
     SEGMENT,
     MembersDecoder,
     MembersEncoder,
@@ -167,3 +169,44 @@ def test_decoding_checks_that_this_host_makes_each_member_again() -> None:
             decode(bad, params)
     with pytest.raises(LayerFormatError):
         decode(b"", params)
+
+
+def _odd_member(segment: bytes) -> bytes:
+    """A valid gzip member of ``segment`` with casd's header that this host's libdeflate
+    does not make (zlib's deflate body)."""
+    body = zlib.compressobj(9, zlib.DEFLATED, -15)
+    odd = body.compress(segment) + body.flush()
+    made = HEADER + odd + struct.pack("<II", zlib.crc32(segment), len(segment))
+    assert made != member(segment, 1)
+    return made
+
+
+def test_a_series_from_this_hosts_libdeflate_is_deflated_again_in_a_sample() -> None:
+    data = text(40 * SMALL, seed=5)
+    segs = [data[i : i + SMALL] for i in range(0, len(data), SMALL)]
+    params = MembersParams(level=1, segment=SMALL)
+    assert params.lib == LIB
+    assert len(segs) > CHECK_EVERY + 2
+    # Member 1 is not in the sample (0, CHECK_EVERY, ... and the last are).
+    stream = b"".join(_odd_member(s) if i == 1 else member(s, 1) for i, s in enumerate(segs))
+    dec = MembersDecoder(params)
+    assert b"".join([*dec.feed(stream), *dec.finish()]) == data
+    assert not dec.fully_checked  # so its bytes are kept until re-encoded in full
+    # Deflated again in full when asked, or when another library made the series.
+    for dec in (
+        MembersDecoder(params, sample=False),
+        MembersDecoder(MembersParams(level=1, segment=SMALL, lib="libdeflate 0.0")),
+    ):
+        assert dec.fully_checked
+        with pytest.raises(LayerFormatError, match="does not make"):
+            [*dec.feed(stream), *dec.finish()]
+    # A member in the sample that differs is found; so is a bad CRC outside it.
+    for i in (0, CHECK_EVERY, len(segs) - 1):
+        bad = b"".join(_odd_member(s) if k == i else member(s, 1) for k, s in enumerate(segs))
+        with pytest.raises(LayerFormatError, match="does not make"):
+            decode(bad, params)
+    wrong_crc = bytearray(member(segs[2], 1))
+    wrong_crc[-8] ^= 1
+    bad = b"".join(bytes(wrong_crc) if k == 2 else member(s, 1) for k, s in enumerate(segs))
+    with pytest.raises(LayerFormatError, match="CRC"):
+        decode(bad, params)
