@@ -752,20 +752,13 @@ class Client:
                         hints = tuple(bases.get(i, ()) for i in ids) if delta_now and bases else ()
                         if not any(hints):
                             await send_plain(ids, range(lo, hi))
-                        elif places is None:
-                            await send(ids, partial(casproto.WantDelta, ids=ids, bases=hints))
                         else:
-                            # Only chunks with bases need their ids sent; the rest go by
-                            # place, in a request of their own.
-                            with_bases = [j for j, h in enumerate(hints) if h]
-                            some = tuple(ids[j] for j in with_bases)
-                            their = tuple(hints[j] for j in with_bases)
-                            await send(some, partial(casproto.WantDelta, ids=some, bases=their))
-                            rest = [j for j, h in enumerate(hints) if not h]
-                            if rest:
-                                await send_plain(
-                                    tuple(ids[j] for j in rest), [lo + j for j in rest]
-                                )
+                            # One request for the whole batch, its chunks without bases
+                            # named by id too (32 bytes each). Sending those by place in a
+                            # WANT_AT of their own saved that, but made two requests of
+                            # each batch, answered and checked apart: 0.3 s more on 2,761
+                            # chunks over loopback, whatever the server chose.
+                            await send(ids, partial(casproto.WantDelta, ids=ids, bases=hints))
                 except PeerError as exc:
                     failure = failure or exc
                 except trio.BrokenResourceError:

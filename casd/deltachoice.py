@@ -23,7 +23,9 @@ the encode time across the benchmark corpus).
 
 Before anything is measured the first batch is served as deltas (the only way to learn
 what they save), and while plain chunks are chosen one batch in ``explore_every`` goes
-as deltas, so a change of data or link is noticed. Where no link figure exists at all (a
+as deltas, so a change of data or link is noticed (not on a link where they could not
+pay even if they saved every byte). A batch's figures count as soon as it is encoded:
+the next batches are chosen before it is sent. Where no link figure exists at all (a
 stream that is not TCP), deltas are served, as the receiver asked for them.
 
 Each sync is a connection of its own. What deltas save depends on the data, so each
@@ -128,7 +130,9 @@ class DeltaChooser:
             self._since_explore = 0
             return True
         self._since_explore += 1
-        if self._since_explore >= self.explore_every:
+        # Re-measuring is for a link slow enough that deltas might pay: on one where they
+        # could not even if they saved every byte, it only spends CPU.
+        if self._since_explore >= self.explore_every and self.host.could_pay():
             self._since_explore = 0
             return True
         return False
@@ -137,14 +141,20 @@ class DeltaChooser:
         """Whether, on what was measured so far, a delta saves more time than it costs."""
         if self.saved_per_raw is None:
             return False  # not measured on this connection, and the host's link says no
-        if not self.link_known:
+        if self.link_known:
+            if self.app_limited or not self.link_rate:
+                return False
+            rate = self.link_rate
+        elif self.host.link_rate is not None:
+            # This connection has sent nothing yet (its first batches are chosen while
+            # the first is read): its host's link is the best guess.
+            rate = self.host.link_rate
+        else:
             return True
-        if self.app_limited or not self.link_rate:
-            return False
         saved, cpu = self.saved_per_raw, self.cpu_per_raw
         assert saved is not None
         assert cpu is not None
-        return saved / self.link_rate > cpu * (1 + DECODE_SHARE)
+        return saved / rate > cpu * (1 + DECODE_SHARE)
 
     def record(self, delta: bool, raw_bytes: int, saved_bytes: int = 0, cpu_s: float = 0.0) -> None:
         """A batch of ``raw_bytes`` chunk bytes went out; as deltas, it saved

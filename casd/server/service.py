@@ -699,7 +699,7 @@ class Session:
             return frames, raw, cpu_s, saved
 
         # A reader task stays one batch ahead of the sender: disk and network overlap.
-        send, recv = trio.open_memory_channel[tuple[Frames, int, bool | None, float, int]](1)
+        send, recv = trio.open_memory_channel[tuple[Frames, bool | None]](1)
 
         async def produce() -> None:
             # Only the WANTs next in line read ahead: a client with a thousand WANTs open
@@ -712,21 +712,24 @@ class Session:
                     # Whether deltas pay is measured, not assumed (casd.deltachoice).
                     delta = offered and self._delta.choose()
                     frames, raw, cpu_s, saved = await read_batch(i, end, delta)
-                    await send.send((frames, raw, delta if offered else None, cpu_s, saved))
+                    if offered:
+                        # Counted as soon as it is known, not once sent: the next
+                        # batches are chosen before this one goes out.
+                        self._delta.record(delta, raw, saved, cpu_s)
+                    await send.send((frames, delta if offered else None))
 
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(produce)
                 await self._wants.wait(ticket)  # reads start now; sending waits its turn
                 async with recv:
-                    async for frames, raw, kind, cpu_s, saved in recv:
+                    async for frames, kind in recv:
                         await self.peer.send_many(frames)
                         self.ctx.stats.chunks_sent += sum(
                             len(f.lengths) if isinstance(f, casproto.ChunkPack) else 1
                             for f in frames
                         )
                         if kind is not None:
-                            self._delta.record(kind, raw, saved, cpu_s)
                             if (link := delivery(self.peer.stream)) is not None:
                                 self._delta.observe_link(link.rate, link.app_limited)
                             if kind:

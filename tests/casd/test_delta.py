@@ -18,7 +18,7 @@ import trio.testing
 
 from casd.chunking import Chunker, format_digest
 from casd.client import open_client_on_stream
-from casd.deltachoice import Choosers, DeltaChooser
+from casd.deltachoice import Choosers, DeltaChooser, HostFigures
 from casd.errors import ChunkCorrupt, ChunkMissing, PeerRefused
 from casd.replicate import sync_into_store
 from casd.storage.memory import MemoryStore
@@ -387,3 +387,19 @@ def test_a_delta_finds_its_base_in_incompressible_data_whatever_the_prefix_size(
     delta = zstd.compress_with_prefix(bytes(chunk), old, 1)
     assert len(delta) < 1_000
     assert zstd.decompress_bounded(delta, len(chunk), prefix=old) == chunk
+
+
+def test_batches_chosen_before_the_first_went_out_go_by_what_it_measured() -> None:
+    # A server reads the next batches while the first is sent: they are chosen before
+    # the connection has a delivery-rate sample. With its host's link known (1 Gbit/s,
+    # from an earlier sync), the first batch's figures already say no, and re-measuring
+    # is pointless too; a host whose link is not known keeps encoding until its
+    # connection has a sample.
+    fast = DeltaChooser(host=HostFigures(link_rate=125 * MB))
+    assert fast.choose() is True  # what a delta costs is not known yet: measure once
+    fast.record(True, MB, int(0.3 * MB), 30e-9 * MB)
+    assert [fast.choose() for _ in range(40)] == [False] * 40
+    unknown = DeltaChooser()
+    assert unknown.choose() is True
+    unknown.record(True, MB, int(0.3 * MB), 30e-9 * MB)
+    assert unknown.choose() is True
