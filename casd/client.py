@@ -413,7 +413,12 @@ class Client:
                                 raw = sum(batch.sizes[i] for i in idx)
                                 chooser.record(use, raw, saved, cpu_s)
                                 if (link := delivery(self.peer.stream)) is not None:
-                                    chooser.observe_link(link.rate, link.app_limited)
+                                    chooser.observe_link(
+                                        link.rate,
+                                        link.app_limited,
+                                        link.busy_us,
+                                        link.rwnd_limited_us,
+                                    )
                             deltas += sum(isinstance(f, casproto.ChunkDelta) for f in frames)
                             sent_chunks += len(frames)
                             sent_bytes += sum(len(f.data) for f in frames)

@@ -15,7 +15,9 @@ The sender measures each side of that inequality instead of guessing:
   :mod:`casd.tcpinfo`), and whether the sender was keeping the link busy when it was
   taken. A sample the kernel marks application-limited means the link was waiting for
   us, not the other way round: then sending is not the bottleneck, nothing a delta saves
-  on the wire shortens the transfer, and its CPU only lengthens it.
+  on the wire shortens the transfer, and its CPU only lengthens it. Likewise when the
+  sender spends most of its time waiting for the receiver's window (the receiver, not
+  the link, sets the pace): such samples do not count as the link's rate either.
 
 The receiver's decode time is not seen from here; it is counted as ``DECODE_SHARE`` of
 the encode time (decoding against a prefix does not index it, and measured 0.3-0.5x
@@ -53,6 +55,9 @@ HOSTS_KEPT = 256
 
 #: Weight of the newest batch in the running figures.
 ALPHA = 0.3
+#: When the sender spent more than this share of its busy time waiting for the
+#: receiver's window, the receiver paces the transfer, not the link.
+RWND_BOUND = 0.5
 
 
 @dataclass
@@ -105,12 +110,16 @@ class DeltaChooser:
     link_rate: float | None = None
     app_limited: bool = False
     link_known: bool = False
+    #: Whether, lately, the sender mostly waited for the receiver's window.
+    receiver_limited: bool = False
     batches: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
     #: The client host's figures, shared with its other connections.
     host: HostFigures = field(default_factory=HostFigures)
     _since_explore: int = 0
     _saved: _Ratio | None = None
     _cpu: _Ratio | None = None
+    _chrono: tuple[int, int] | None = None  # the last (busy, rwnd-limited) microseconds
+    _rwnd: _Ratio = field(default_factory=lambda: _Ratio(ALPHA))
 
     @property
     def saved_per_raw(self) -> float | None:
@@ -142,7 +151,7 @@ class DeltaChooser:
         if self.saved_per_raw is None:
             return False  # not measured on this connection, and the host's link says no
         if self.link_known:
-            if self.app_limited or not self.link_rate:
+            if self.app_limited or self.receiver_limited or not self.link_rate:
                 return False
             rate = self.link_rate
         elif self.host.link_rate is not None:
@@ -177,15 +186,33 @@ class DeltaChooser:
         return (
             f"delta batches {self.batches[True]}, plain {self.batches[False]}; saved "
             f"{f(self.saved_per_raw, 100, '%')} of raw, encode {f(self.cpu_per_raw, 1e9, 'ns/B')}, "
-            f"link {f(self.link_rate, 8e-6, 'Mbit/s')} (host: "
+            f"link {f(self.link_rate, 8e-6, 'Mbit/s')}, waiting for the receiver "
+            f"{f(self._rwnd.value, 100, '%')} of the time (host: "
             f"{f(self.host.link_rate, 8e-6, 'Mbit/s')}, {f(self.host.cpu_per_raw, 1e9, 'ns/B')})"
         )
 
-    def observe_link(self, rate: float, app_limited: bool) -> None:
-        """The kernel's latest delivery-rate sample for this connection (bytes/s)."""
+    def observe_link(
+        self,
+        rate: float,
+        app_limited: bool,
+        busy_us: int | None = None,
+        rwnd_limited_us: int | None = None,
+    ) -> None:
+        """The kernel's latest delivery-rate sample for this connection (bytes/s), and
+        its running counts of time busy and time held back by the receiver's window
+        (casd.tcpinfo.Delivery)."""
         self.link_known = True
         self.app_limited = app_limited
-        if not app_limited and rate > 0:
+        if busy_us is not None and rwnd_limited_us is not None:
+            if self._chrono is not None:
+                busy = busy_us - self._chrono[0]
+                if busy > 0:
+                    self._rwnd.add(max(rwnd_limited_us - self._chrono[1], 0), busy)
+            self._chrono = (busy_us, rwnd_limited_us)
+            share = self._rwnd.value
+            self.receiver_limited = share is not None and share > RWND_BOUND
+        # A sample taken while the receiver held the sender back measures the receiver.
+        if not app_limited and not self.receiver_limited and rate > 0:
             old = self.link_rate
             self.link_rate = rate if old is None else old + self.alpha * (rate - old)
             self.host.link_rate = self.link_rate

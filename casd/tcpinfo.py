@@ -4,7 +4,11 @@ Linux keeps, per connection, the rate at which the peer acknowledged data over t
 recent round trip (``tcpi_delivery_rate``, since 4.9; the estimate BBR is built on), and
 flags a sample taken while the application did not keep the link busy
 (``tcpi_delivery_rate_app_limited``): such a sample says the sender was the bottleneck,
-not the link. casd's delta choice (:mod:`casd.deltachoice`) uses both.
+not the link. It also keeps, in microseconds since the connection began, how long it was
+busy sending and how much of that it waited for the receiver's window
+(``tcpi_busy_time``, ``tcpi_rwnd_limited``, since 4.10): a sender held back by the
+window is paced by the receiver, not the link. casd's delta choice
+(:mod:`casd.deltachoice`) uses all of these.
 """
 
 from __future__ import annotations
@@ -21,12 +25,19 @@ _APP_LIMITED_BYTE = 7
 _DELIVERY_RATE = struct.Struct("=Q")
 _DELIVERY_RATE_AT = 160
 _NEEDED = _DELIVERY_RATE_AT + _DELIVERY_RATE.size
+# tcpi_busy_time and tcpi_rwnd_limited: the u64s that follow it.
+_CHRONO = struct.Struct("=QQ")
+_CHRONO_AT = 168
 
 
 @dataclass(frozen=True)
 class Delivery:
     rate: float  # bytes per second
     app_limited: bool
+    #: Microseconds, since the connection began, it was busy sending, and of those it
+    #: waited for the receiver's window; None on kernels that do not say.
+    busy_us: int | None = None
+    rwnd_limited_us: int | None = None
 
 
 def delivery(stream: Any) -> Delivery | None:
@@ -47,4 +58,7 @@ def delivery(stream: Any) -> Delivery | None:
     if len(info) < _NEEDED:
         return None
     (rate,) = _DELIVERY_RATE.unpack_from(info, _DELIVERY_RATE_AT)
-    return Delivery(float(rate), bool(info[_APP_LIMITED_BYTE] & 1))
+    busy = rwnd = None
+    if len(info) >= _CHRONO_AT + _CHRONO.size:
+        busy, rwnd = _CHRONO.unpack_from(info, _CHRONO_AT)
+    return Delivery(float(rate), bool(info[_APP_LIMITED_BYTE] & 1), busy, rwnd)

@@ -731,7 +731,9 @@ class Session:
                         )
                         if kind is not None:
                             if (link := delivery(self.peer.stream)) is not None:
-                                self._delta.observe_link(link.rate, link.app_limited)
+                                self._delta.observe_link(
+                                    link.rate, link.app_limited, link.busy_us, link.rwnd_limited_us
+                                )
                             if kind:
                                 self.ctx.stats.delta_batches += 1
                             else:

@@ -329,6 +329,53 @@ async def test_the_kernel_reports_a_delivery_rate_for_a_tcp_stream() -> None:
     assert delivery(trio.testing.memory_stream_pair()[0]) is None
 
 
+async def test_the_kernel_says_when_the_receiver_holds_the_sender_back() -> None:
+    # A receiver that reads slowly: the sender spends most of its busy time waiting for
+    # its window, which tcpi_rwnd_limited counts (and the choice reads as "not the link").
+    async def slow(stream: trio.SocketStream) -> None:
+        while True:
+            await trio.sleep(0.01)  # 64 KiB per 10 ms at most
+            if not await stream.receive_some(64 * 1024):
+                return
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, slow, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        chooser = DeltaChooser()
+        before = delivery(stream)
+        assert before is not None
+        chooser.observe_link(before.rate, False, before.busy_us, before.rwnd_limited_us)
+        with trio.move_on_after(1.5):
+            while True:
+                await stream.send_all(b"x" * (1 << 20))
+        after = delivery(stream)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert after is not None
+    assert after.busy_us is not None
+    assert after.rwnd_limited_us is not None
+    assert 0 < after.rwnd_limited_us <= after.busy_us
+    chooser.observe_link(after.rate, False, after.busy_us, after.rwnd_limited_us)
+    assert chooser.receiver_limited
+    chooser.record(True, MB, int(0.9 * MB), 1e-9 * MB)  # deltas that would pay on a link
+    assert not chooser.pays()
+
+
+def test_a_receiver_that_keeps_up_again_lets_the_link_decide() -> None:
+    c = DeltaChooser()
+    c.record(True, MB, int(0.3 * MB), 30e-9 * MB)
+    c.observe_link(2.5 * MB, False, 0, 0)
+    c.observe_link(2.5 * MB, False, 1_000_000, 900_000)  # 90 % waiting for the window
+    assert c.receiver_limited
+    assert not c.pays()
+    for k in range(2, 12):  # then a receiver that keeps up
+        c.observe_link(2.5 * MB, False, k * 1_000_000, 900_000)
+    assert not c.receiver_limited
+    assert c.pays()
+
+
 # --- pushes (CHUNK_DELTA, SPEC §5.1) ---------------------------------------------------
 
 
