@@ -12,12 +12,13 @@ The sender measures each side of that inequality instead of guessing:
   so waiting for the GIL or for a busy core does not count), per raw byte, as running
   averages over the delta batches served;
 - the link: the kernel's own estimate of the connection's delivery rate (TCP_INFO, see
-  :mod:`casd.tcpinfo`), and whether the sender was keeping the link busy when it was
-  taken. A sample the kernel marks application-limited means the link was waiting for
-  us, not the other way round: then sending is not the bottleneck, nothing a delta saves
-  on the wire shortens the transfer, and its CPU only lengthens it. Likewise when the
-  sender spends most of its time waiting for the receiver's window (the receiver, not
-  the link, sets the pace): such samples do not count as the link's rate either.
+  :mod:`casd.tcpinfo`), the most it was seen to deliver lately, and whether the sender
+  was keeping the link busy when it was taken. A sample the kernel marks application-
+  limited means the link was waiting for us, not the other way round: then sending is
+  not the bottleneck, nothing a delta saves on the wire shortens the transfer, and its
+  CPU only lengthens it. Likewise when the sender spends most of its time waiting for
+  the receiver's window (the receiver, not the link, sets the pace): such samples do not
+  count as the link's rate either.
 
 The receiver's decode time is not seen from here; it is counted as ``DECODE_SHARE`` of
 the encode time (decoding against a prefix does not index it, and measured 0.3-0.5x
@@ -55,6 +56,8 @@ HOSTS_KEPT = 256
 
 #: Weight of the newest batch in the running figures.
 ALPHA = 0.3
+#: What the link's rate estimate keeps of its maximum per new sample (see observe_link).
+LINK_FADE = 0.9
 #: When the sender spent more than this share of its busy time waiting for the
 #: receiver's window, the receiver paces the transfer, not the link.
 RWND_BOUND = 0.5
@@ -213,8 +216,13 @@ class DeltaChooser:
             self.receiver_limited = share is not None and share > RWND_BOUND
         # A sample taken while the receiver held the sender back measures the receiver.
         if not app_limited and not self.receiver_limited and rate > 0:
-            old = self.link_rate
-            self.link_rate = rate if old is None else old + self.alpha * (rate - old)
+            # What the link can carry is the most it was seen to deliver: lower samples
+            # come from a connection still in slow start (each sync opens one), or that
+            # lost a packet. Averaged in, they made a 1 Gbit/s link look slow enough for
+            # deltas to pay in syncs over it. The maximum fades (by LINK_FADE a
+            # sample), so a link that became slower is seen to be.
+            old = self.link_rate if self.link_rate is not None else self.host.link_rate
+            self.link_rate = rate if old is None else max(rate, old * LINK_FADE)
             self.host.link_rate = self.link_rate
 
 
