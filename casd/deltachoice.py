@@ -13,9 +13,9 @@ The sender measures each side of that inequality instead of guessing:
   averages over the delta batches served;
 - the link: the kernel's own estimate of the connection's delivery rate (TCP_INFO, see
   :mod:`casd.tcpinfo`), the most it was seen to deliver lately, and whether the sender
-  was keeping the link busy when it was taken. A sample the kernel marks application-
-  limited means the link was waiting for us, not the other way round: then sending is
-  not the bottleneck, nothing a delta saves on the wire shortens the transfer, and its
+  was keeping the link busy when it was taken. A sample the kernel marks
+  application-limited means the link was waiting for us, not the other way round: then
+  sending is not the bottleneck, nothing a delta saves on the wire shortens the transfer, and its
   CPU only lengthens it. Likewise when the sender spends most of its time waiting for
   the receiver's window (the receiver, not the link, sets the pace): such samples do not
   count as the link's rate either.
