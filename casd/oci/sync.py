@@ -434,6 +434,15 @@ async def _land_compressed(
     def land(pieces: Iterator[bytes]) -> None:
         made.append(_store_compressed(store, pieces, landing))
 
+    # What crossed, and when, as the source stopped sending: the next layer's stream
+    # begins then, while this one's tail is still being stored.
+    sent_at: list[tuple[int, float]] = []
+
+    def sent() -> None:
+        sent_at.append((src.peer.wire_bytes, trio.current_time()))
+        if received is not None:
+            received()
+
     try:
         await stream_to_thread(
             src,
@@ -443,7 +452,7 @@ async def _land_compressed(
             land,
             LAYER_PIECES_AHEAD,
             arrived,
-            received,
+            sent,
         )
     except NoSpace:
         raise
@@ -452,15 +461,15 @@ async def _land_compressed(
         return False
     finally:
         in_flight[0] -= done[0]
-    # Another landing may have run alongside: what crossed is measured by bytes.
-    wire = max(done[0], src.peer.wire_bytes - wire)
+    end_wire, ended = sent_at[0]
+    wire = end_wire - wire
     report.layers_streamed += 1
     report.layer_stream_bytes += wire
     report.blobs_copied += 1
     report.bytes_total += made[0]
     # A stream like any other for what the link is measured by (casd.blobdelta.Link).
     report.stream_wire += wire
-    report.stream_s += trio.current_time() - started
+    report.stream_s += ended - started
     report.stream_raw += made[0]
     return True
 

@@ -271,7 +271,12 @@ def test_versions_share_chunks_at_rest_and_sync_as_deltas(
     )
     assert stored <= 1.1 * per_chunk
 
-    ok(casd_a("sync", casd_a.daemon.address, casd_b.daemon.address, "lib/pyapp:v1"))
+    # B holds nothing yet: both layers come as their compressed bytes, the second
+    # streaming while the first is still being stored; each counted once.
+    first = sync_(casd_a, casd_b, "lib/pyapp:v1")
+    assert first["layers_streamed"] == 2
+    layers = sum(images[1].layer_sizes)
+    assert layers <= first["layer_stream_bytes"] <= layers * 1.02 + 40_000
     v1_chunks = distinct_chunks(*tars[1])
     lacking = [c for cid, c in distinct_chunks(*tars[2]).items() if cid not in v1_chunks]
     r = sync_(casd_a, casd_b, "lib/pyapp:v2")
