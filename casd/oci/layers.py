@@ -384,6 +384,11 @@ def reencodes(store: Store, digest: str) -> bool:
     record = read_record(store, digest)
     if record is None or not record.reencodable or record.raw is not None:
         return False
+    return _reproduces(store, record)
+
+
+def _reproduces(store: Store, record: LayerRecord) -> bool:
+    """Whether re-encoding ``record``'s tar here gives its digest (logs why not)."""
     try:
         for _ in verified_encoding(store, record):
             pass
@@ -450,13 +455,7 @@ class LayerCache:
         """Re-encode ``record`` into the cache. Returns whether it reproduced its digest
         (if not, nothing is cached)."""
         if self.max_bytes < record.size:
-            # Too large to cache: still verify.
-            try:
-                for _ in verified_encoding(store, record):
-                    pass
-            except LayerError:
-                return False
-            return True
+            return _reproduces(store, record)  # too large to cache: still verify
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix="tmp")
         try:
             with os.fdopen(fd, "wb") as f:
