@@ -70,11 +70,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s = osub.add_parser(
         "convert",
         parents=[common],
-        help="re-compress layers casd cannot reproduce, so the image syncs as deltas",
-        description="Writes a new image whose non-reproducible layers (Go's gzip, zstd) are "
-        "re-compressed deterministically (gzip members of 1 MiB of tar each, made by "
-        "libdeflate; no file name, mtime 0), so any casd host re-encodes them in parallel "
-        "and byte-exact. The config (image "
+        help="re-compress layers into casd's own gzip, so the image syncs as fast deltas",
+        description="Writes a new image whose gzip and zstd layers are re-compressed "
+        "deterministically (gzip members of 1 MiB of tar each, made by libdeflate; no file "
+        "name, mtime 0), so any casd host re-encodes them in parallel and byte-exact: "
+        "layers casd cannot make again at all (zstd; Go's gzip without casd-gogzip) and "
+        "those it makes again more slowly (zlib's gzip; Go's gzip with casd-gogzip, about "
+        "a third of members' speed). The config (image "
         "id) and every diff_id stay identical; the layer and manifest digests change. "
         "Prints the new manifest digest.",
     )

@@ -211,9 +211,22 @@ def _find_gzip_encoding(spool: str) -> tuple[dict[str, Any] | None, str]:
         params = gzipre.find_params(comp, plain)
     except gzipre.LayerFormatError as exc:
         return None, str(exc)
-    if params is None:
-        return None, "no zlib parameters reproduce it (not made by zlib, e.g. Go's gzip)"
-    return {"codec": "gzip", **params.to_dict()}, ""
+    if params is not None:
+        return {"codec": "gzip", **params.to_dict()}, ""
+    # Not zlib's: perhaps Go's pgzip (umoci, skopeo, podman, buildah), if the helper that
+    # makes it again is here.
+    from casd.oci import gogzip
+
+    why = "no zlib parameters reproduce it (not made by zlib"
+    if gogzip.helper() is None:
+        return None, f"{why}; Go's gzip cannot be tried: no {gogzip.HELPER} on this host)"
+    try:
+        found = gogzip.find_params(comp, plain)
+    except LayerFormatError as exc:
+        return None, f"{why}; Go's gzip could not be tried: {exc})"
+    if found is None:
+        return None, f"{why}, nor by Go's pgzip)"
+    return {"codec": gogzip.CODEC, **found.to_dict()}, ""
 
 
 def _members_params(spool: str) -> Any:

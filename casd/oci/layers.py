@@ -315,7 +315,7 @@ class IterReader:
 
 def make_encoder(encoding: dict[str, Any] | None, digest: str = "") -> Any:
     """The streaming encoder (``update``/``finish``) a layer record's ``encoding`` names."""
-    from casd.oci import gzipre, members
+    from casd.oci import gogzip, gzipre, members
 
     enc = encoding or {}
     rest = {k: v for k, v in enc.items() if k != "codec"}
@@ -323,7 +323,20 @@ def make_encoder(encoding: dict[str, Any] | None, digest: str = "") -> Any:
         return gzipre.GzipEncoder(gzipre.GzipParams.from_dict(rest))
     if enc.get("codec") == members.CODEC:  # a layer `oci convert` made
         return members.MembersEncoder(members.MembersParams.from_dict(rest))
+    if enc.get("codec") == gogzip.CODEC:  # an imported layer Go's pgzip made
+        return gogzip.PgzipEncoder(gogzip.PgzipParams.from_dict(rest))
     raise LayerError(f"layer {digest}: unknown encoding {enc.get('codec')!r}")
+
+
+def can_reencode_here(record: LayerRecord) -> bool:
+    """Whether this host has what re-encoding ``record``'s layer takes (a layer Go's
+    pgzip made needs the ``casd-gogzip`` helper); whether the bytes come out the same
+    is another question, answered by their digest."""
+    from casd.oci import gogzip
+
+    if not record.reencodable or record.raw is not None:
+        return False
+    return (record.encoding or {}).get("codec") != gogzip.CODEC or gogzip.helper() is not None
 
 
 def encode_layer(store: Store, record: LayerRecord) -> Iterator[bytes]:

@@ -212,15 +212,20 @@ def _convert_layer(
     level: int,
 ) -> media.Descriptor:
 
+    from casd.oci import members
+
     kind, rec, _ = _layer_blobs(store, layer)
-    if kind in ("reencodable", "uncompressed", "missing"):
-        if kind == "missing":
-            raise LayerError(f"layer {layer.digest} is not in the store")
+    if kind == "missing":
+        raise LayerError(f"layer {layer.digest} is not in the store")
+    # Converted already, or a plain tar: nothing to gain. A layer zlib or Go's gzip makes
+    # again is converted too: members re-encode on every core, several times faster.
+    if kind == "uncompressed" or (
+        rec is not None and (rec.encoding or {}).get("codec") == members.CODEC
+    ):
         return layer
     if rec is None:
         raise LayerError(f"layer {layer.digest} has no record: re-import the image first")
     mt = media.OCI_LAYER_GZIP if oci else media.DOCKER_LAYER_GZIP
-    from casd.oci import members
 
     memo_key = f"{members.CODEC}-{level}"
     done = (rec.converted or {}).get(memo_key)

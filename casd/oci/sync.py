@@ -28,7 +28,7 @@ from casd.chunking import Chunker, format_digest
 from casd.client import Client
 from casd.errors import DigestMismatch, NoSpace, PeerRefused, StoreError, UserError
 from casd.nursery import open_nursery
-from casd.oci import gzipre, media, members
+from casd.oci import gogzip, gzipre, media, members
 from casd.oci.layers import (
     PIECE,
     BlobWriter,
@@ -36,6 +36,7 @@ from casd.oci.layers import (
     LayerCache,
     LayerError,
     LayerRecord,
+    can_reencode_here,
     read_record,
     read_small,
 )
@@ -281,6 +282,13 @@ async def _complete_image(
         if d not in records or d in parsed:
             continue
         rec = LayerRecord.from_json(await run(read_small, store, records[d]) or b"")
+        if rec.raw is None and rec.reencodable and not can_reencode_here(rec):
+            # Made by Go's gzip, and this host lacks the helper that makes it again: the
+            # compressed bytes come as a blob, which then serves the layer here.
+            log.info("layer %s: no %s here, fetching its compressed bytes", d, gogzip.HELPER)
+            await src.call("oci.materialize", {"digest": d})
+            contents.append(d)
+            continue
         parsed[d] = rec
         if rec.raw is not None or not rec.reencodable:
             contents.append(rec.raw or d)
@@ -500,7 +508,8 @@ def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder
             yield piece
 
     encoding = rec.encoding or {}
-    checked_members = encoding.get("codec") == members.CODEC
+    codec = encoding.get("codec")
+    checked_members = codec == members.CODEC
     if checked_members:
         params = members.MembersParams.from_dict(
             {k: v for k, v in encoding.items() if k != "codec"}
@@ -514,6 +523,42 @@ def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder
                 landing.keep(piece)
                 yield from decoder.feed(piece)
             yield from decoder.finish()
+
+    elif codec == gogzip.CODEC and landing.keeps_bytes:
+        # Go's gzip: made again here at about a third of the speed the landing goes at.
+        # The cache keeps the bytes as they came (held until a whole re-encoding made
+        # them, as for members), and the helper makes the first blocks now: a host whose
+        # build differs is found at once, not at eviction.
+        pg = gogzip.PgzipParams.from_dict({k: v for k, v in encoding.items() if k != "codec"})
+        head, plain = bytearray(), bytearray()
+        sample = 4 * pg.block
+        sampled = False
+
+        def check_sample() -> None:
+            nonlocal sampled
+            sampled = True
+            if not gogzip.sample_matches(pg, head, plain):
+                raise gzipre.LayerFormatError(
+                    f"layer {rec.digest}: this host's {gogzip.HELPER} does not make its "
+                    "first blocks"
+                )
+
+        def compressed() -> Iterator[bytes]:
+            for piece in counted():
+                landing.keep(piece)
+                if not sampled and len(head) < 2 * sample:
+                    head.extend(piece)
+                yield piece
+
+        def tar() -> Iterator[bytes | bytearray]:
+            for piece in gzipre.decompress(compressed()):
+                if not sampled:
+                    plain.extend(piece)
+                    if len(plain) > sample:
+                        check_sample()
+                yield piece
+            if not sampled:
+                check_sample()
 
     else:
 
@@ -532,6 +577,8 @@ def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder
         w.commit()
     if checked_members:
         landing.kept_whole(checked=decoder.fully_checked)
+    elif codec == gogzip.CODEC and landing.keeps_bytes:
+        landing.kept_whole(checked=False)
     return w.size
 
 
@@ -545,11 +592,9 @@ class _Reencoder:
     ``kept_whole`` says they were all the layer."""
 
     def __init__(self, rec: LayerRecord, cache: LayerCache | None) -> None:
-        from casd.oci.layers import make_encoder
-
         self.rec = rec
         self.fed = False
-        self._enc = make_encoder(rec.encoding, rec.digest)
+        self._encoder: Any = None  # made on first use: Go's gzip starts a helper process
         self._sha = hashlib.sha256()
         self._size = 0
         self._held: list[bytes] = []
@@ -562,6 +607,14 @@ class _Reencoder:
         if cache is not None and rec.size <= cache.max_bytes:
             fd, self._tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
             self._tmp = os.fdopen(fd, "wb")
+
+    @property
+    def _enc(self) -> Any:
+        if self._encoder is None:
+            from casd.oci.layers import make_encoder
+
+            self._encoder = make_encoder(self.rec.encoding, self.rec.digest)
+        return self._encoder
 
     @property
     def keeps_bytes(self) -> bool:
@@ -618,6 +671,8 @@ class _Reencoder:
         return ok
 
     def discard(self) -> None:
+        if self._encoder is not None and hasattr(self._encoder, "close"):
+            self._encoder.close()
         if self._tmp is not None:
             self._tmp.close()
             self._tmp = None

@@ -27,6 +27,7 @@ class Daemon:
     address: str = ""
     listen: str = "127.0.0.1:0"
     prefix: list[str] = field(default_factory=list)  # e.g. `ip netns exec NS`
+    env: dict[str, str] = field(default_factory=dict)  # set in the daemon's environment
 
     def start(self, timeout: float = 20.0) -> Daemon:
         logf = open(self.log, "ab")  # noqa: SIM115 - the daemon owns it until it exits
@@ -46,6 +47,7 @@ class Daemon:
             ],
             stdout=logf,
             stderr=logf,
+            env={**os.environ, **self.env},
         )
         logf.close()
         deadline = time.monotonic() + timeout
