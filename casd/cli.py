@@ -393,6 +393,13 @@ async def cmd_sync(args: argparse.Namespace) -> int:
                 f"compressed bytes, {human(int(report['layer_stream_bytes']))}, as from a registry",
                 file=sys.stderr,
             )
+        if int(report.get("layers_whole", 0)):
+            print(
+                f"layers: {report['layers_whole']} made by Go's gzip came whole although an old "
+                "version is here: on this link their bytes cross sooner than casd-gogzip would "
+                "make them again",
+                file=sys.stderr,
+            )
         if int(report.get("blobs_as_delta", 0)):
             print(
                 f"whole-blob deltas: {report['blobs_as_delta']} blobs came as "

@@ -102,6 +102,9 @@ class SyncReport:
     # the wire bytes they took.
     layers_streamed: int = 0
     layer_stream_bytes: int = 0
+    # Layers with an old version here that still came as their compressed bytes: made by
+    # Go's gzip, on a link where they cross sooner than casd-gogzip makes them again.
+    layers_whole: int = 0
     # The chunk stream of blobs large enough to measure the link by: wire bytes, seconds,
     # and the raw size of the chunks it carried.
     stream_wire: int = 0
@@ -143,6 +146,7 @@ class SyncReport:
             "blob_delta_bytes": self.blob_delta_bytes,
             "layers_streamed": self.layers_streamed,
             "layer_stream_bytes": self.layer_stream_bytes,
+            "layers_whole": self.layers_whole,
             "link_mbit": round(self.link.rate * 8 / 1e6, 2) if self.link else 0,
             **{f"source_{k}": v for k, v in self.source.items()},
             "seconds": round(seconds, 4),
@@ -487,7 +491,11 @@ SOURCE_DELTA_STATS = (
 
 async def source_delta_stats(src: Client) -> dict[str, int | float]:
     """The source's delta counters now; a sync reports their change."""
-    stats = await src.stats()
+    return delta_counters(await src.stats())
+
+
+def delta_counters(stats: dict[str, Any]) -> dict[str, int | float]:
+    """The delta counters of a source's ``stats``."""
     return {k: v for k in SOURCE_DELTA_STATS if isinstance(v := stats.get(k, 0), int | float)}
 
 

@@ -49,7 +49,7 @@ from casd.nursery import open_nursery
 from casd.oci.layers import LayerCache
 from casd.oci.sync import sync_with_images
 from casd.peer import PeerConnection
-from casd.replicate import Throttle, resolve_names, source_delta_stats
+from casd.replicate import Throttle, delta_counters, resolve_names, source_delta_stats
 from casd.server import ops
 from casd.storage._encode import decode_stored
 from casd.storage.interface import ChunkIn, Store, StoredChunk
@@ -557,6 +557,9 @@ class Session:
             "blob_delta_encode_s": round(s.blob_delta_encode_s, 4),
             "layers_streamed": s.layers_streamed,
             "layer_stream_bytes": s.layer_stream_bytes,
+            # The most this host's kernel saw the asking host's connections deliver
+            # (fading; 0: not measured): what a sync there weighs a layer's bytes by.
+            "peer_link_mbit": round((self._delta.host.link_rate or 0.0) * 8e-6, 2),
             "errors": s.errors,
             "delta_candidates": s.delta_candidates,
             "delta_chunks": s.delta_chunks,
@@ -837,9 +840,13 @@ class Session:
                 src.allow_deltas = self.ctx.deltas
                 before: dict[str, int | float] = {}
                 pairs: list[tuple[str, str]] = []
+                kernel_rate = [0.0]
 
                 async def counters() -> None:
-                    before.update(await source_delta_stats(src))
+                    stats = await src.stats()
+                    before.update(delta_counters(stats))
+                    # What the source's kernel saw its connections to this host deliver.
+                    kernel_rate[0] = float(stats.get("peer_link_mbit", 0) or 0) * 1e6 / 8
 
                 async def names() -> None:
                     pairs.extend(await resolve_names(src, list(ev.names), ev.all))
@@ -856,6 +863,7 @@ class Session:
                     on_progress=send_progress,
                     cache=self.ctx.oci_cache,
                     link=self.ctx.links.get(source) if self.ctx.deltas else None,
+                    layer_link=_fastest(self.ctx.links.get(source), kernel_rate[0]),
                 )
                 if (link := report.link) is not None:  # for the next sync from there
                     self.ctx.links[source] = link
@@ -1013,3 +1021,13 @@ async def handle_stream(ctx: ServerContext, stream: trio.abc.Stream) -> None:
         ctx.stats.bytes_sent += peer.bytes_sent
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await peer.aclose()
+
+
+def _fastest(measured: Link | None, kernel_rate: float) -> Link | None:
+    """The link to a source at the faster of two figures: what this host's syncs from it
+    measured (a stream's bytes over its time, which a busy receiver slows) and what the
+    source's kernel saw its connections here deliver (which a busy receiver does not)."""
+    rate = max(measured.rate if measured is not None else 0.0, kernel_rate)
+    if rate <= 0:
+        return None
+    return Link(rate, measured.wire_per_raw if measured is not None else 1.0)

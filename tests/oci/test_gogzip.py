@@ -5,6 +5,7 @@ compress versions as the helper); the helper is built by tests/conftest.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -101,6 +102,12 @@ def test_an_encoder_given_up_on_stops_its_helper(gogzip_helper: str) -> None:
     proc = enc._proc
     enc.close()
     assert proc.poll() is not None
+    # Dropped without a word (an import whose check failed half way): the same.
+    enc = gogzip.PgzipEncoder(gogzip.PgzipParams(-1, 256 * 1024, GO_HEADER))
+    enc.update(b"x" * 1_000_000)
+    proc = enc._proc
+    del enc
+    assert proc.wait(timeout=10) is not None
 
 
 def test_a_helper_that_fails_is_an_error_not_a_layer(tmp_path: Path) -> None:
@@ -129,3 +136,39 @@ def test_a_helper_that_fails_is_an_error_not_a_layer(tmp_path: Path) -> None:
 def test_parameters_out_of_range_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(LayerFormatError):
         gogzip.PgzipParams.from_dict(bad)
+
+
+def test_a_go_layer_comes_whole_only_where_its_bytes_cross_sooner_than_it_is_made() -> None:
+    from casd.blobdelta import Link
+    from casd.oci.layers import LayerRecord
+    from casd.oci.sync import whole_is_faster
+
+    params = gogzip.PgzipParams(-1, 256 * 1024, GO_HEADER)
+    # 40 MB of gzip for 120 MB of tar: the helper takes about 1.3 s.
+    go = LayerRecord(
+        "sha256:" + "a" * 64,
+        40_000_000,
+        media.OCI_LAYER_GZIP,
+        "sha256:" + "b" * 64,
+        120_000_000,
+        encoding={"codec": gogzip.CODEC, **params.to_dict()},
+    )
+    gbit, fast_ethernet = Link(117e6, 0.3), Link(11.7e6, 0.3)
+    assert whole_is_faster(go, gbit)  # 0.34 s on the wire
+    assert not whole_is_faster(go, fast_ethernet)  # 3.4 s on the wire
+    assert not whole_is_faster(go, None)  # nothing measured: the fewest bytes
+    members = dataclasses.replace(
+        go, encoding={"codec": "gzip-members", "level": 1, "segment": 1 << 20, "lib": "x"}
+    )
+    assert not whole_is_faster(members, gbit)  # re-encodes fast: always its tar's chunks
+
+
+def test_the_layer_choice_takes_the_faster_of_the_two_link_figures() -> None:
+    from casd.blobdelta import Link
+    from casd.server.service import _fastest
+
+    assert _fastest(None, 0.0) is None
+    assert _fastest(None, 50e6) == Link(50e6, 1.0)
+    # A receiver busy landing layers slows its own figure, not the sender's kernel's.
+    assert _fastest(Link(20e6, 0.4), 110e6) == Link(110e6, 0.4)
+    assert _fastest(Link(20e6, 0.4), 0.0) == Link(20e6, 0.4)
