@@ -393,6 +393,13 @@ async def cmd_sync(args: argparse.Namespace) -> int:
                 f"compressed bytes, {human(int(report['layer_stream_bytes']))}, as from a registry",
                 file=sys.stderr,
             )
+        if int(report.get("layers_deferred", 0)):
+            print(
+                f"layers: {report['layers_deferred']} serve from the layer cache now; their "
+                "tars are stored in the background, for the next version's delta "
+                "(`casctl stats`: oci_landings_pending)",
+                file=sys.stderr,
+            )
         if int(report.get("layers_whole", 0)):
             print(
                 f"layers: {report['layers_whole']} made by Go's gzip came whole although an old "

@@ -105,6 +105,9 @@ class SyncReport:
     # Layers with an old version here that still came as their compressed bytes: made by
     # Go's gzip, on a link where they cross sooner than casd-gogzip makes them again.
     layers_whole: int = 0
+    # Streamed layers whose tar is stored after the sync (casd.oci.landing): they serve
+    # from the layer cache meanwhile.
+    layers_deferred: int = 0
     # The chunk stream of blobs large enough to measure the link by: wire bytes, seconds,
     # and the raw size of the chunks it carried.
     stream_wire: int = 0
@@ -147,6 +150,7 @@ class SyncReport:
             "layers_streamed": self.layers_streamed,
             "layer_stream_bytes": self.layer_stream_bytes,
             "layers_whole": self.layers_whole,
+            "layers_deferred": self.layers_deferred,
             "link_mbit": round(self.link.rate * 8 / 1e6, 2) if self.link else 0,
             **{f"source_{k}": v for k, v in self.source.items()},
             "seconds": round(seconds, 4),

@@ -397,6 +397,8 @@ def reencodes(store: Store, digest: str) -> bool:
     record = read_record(store, digest)
     if record is None or not record.reencodable or record.raw is not None:
         return False
+    if not store.has_blob(record.uncompressed):  # its landing is due (casd.oci.landing)
+        return False
     return _reproduces(store, record)
 
 
@@ -489,17 +491,26 @@ class LayerCache:
         self.evict()
         return True
 
-    def adopt(self, digest: str, path: str, *, checked: bool = True) -> None:
+    def adopt(self, digest: str, path: str, *, checked: bool = True, durable: bool = False) -> None:
         """Move a verified file (for example an import's spool) into the cache.
         ``checked=False``: its digest matched, but this host has not yet made the same
-        bytes from the tar in full, so it is kept until it has (see :attr:`checker`)."""
+        bytes from the tar in full, so it is kept until it has (see :attr:`checker`).
+        ``durable``: the file (synced by the caller) is the layer's only copy here: the
+        rename is synced too before this returns."""
         marker = self.path(digest) + UNCHECKED
         if not checked:
             # The mark first: a crash between the two leaves a mark without a file
             # (removed on start), never an unchecked file that looks checked.
-            with open(marker, "wb"):
-                pass
+            with open(marker, "wb") as f:
+                if durable:
+                    os.fsync(f.fileno())
         os.replace(path, self.path(digest))
+        if durable:
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         if checked:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(marker)

@@ -338,7 +338,7 @@ async def _layer(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Do
     from casd.oci.source import StoreSource
 
     digest = ops.arg_str(args, "digest")
-    source = StoreSource(ctx.store, ctx.run, ctx.oci_cache)
+    source = StoreSource(ctx.store, ctx.run, ctx.oci_cache, ctx.landings)
     size = await source.blob_size("", digest)
     if size is None:
         raise BlobMissing(f"no layer {digest} in this store")

@@ -3,9 +3,9 @@
 An image is served as ``REPO:TAG`` when a casd name ``REPO:TAG`` points at a manifest or
 index (``casctl oci import`` names images that way by default). Manifests and blobs are
 also served by digest under any repository name, as a content-addressed store holds
-them once for all. A compressed layer comes from, in order: a blob with its digest, the
-layer cache, or re-encoding its uncompressed chunks (verified as it streams, and kept in
-the cache once complete).
+them once for all. A compressed layer comes from, in order: a blob with its digest, the layer
+cache (the only copy while a synced layer's tar is yet to be stored), or re-encoding its
+uncompressed chunks (verified as it streams, and kept in the cache once complete).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from casd.errors import BlobMissing
 from casd.oci import media
 from casd.oci.http import ManifestHit
+from casd.oci.landing import Landings
 from casd.oci.layers import (
     PIECE,
     LayerCache,
@@ -96,10 +97,18 @@ def _reencoded_range(
 class StoreSource:
     """casd's store as an :class:`casd.oci.http.OciSource`."""
 
-    def __init__(self, store: Store, run: Run, cache: LayerCache | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        run: Run,
+        cache: LayerCache | None = None,
+        landings: Landings | None = None,
+    ) -> None:
         self.store = store
         self.run = run
         self.cache = cache
+        # Paused while a blob streams: its client goes first (casd.oci.landing).
+        self.landings = landings
 
     # --- manifests and tags -----------------------------------------------------------
 
@@ -157,10 +166,13 @@ class StoreSource:
             rec = read_record(self.store, digest)
         except LayerError:
             return None
-        if rec is None or not rec.reencodable or not self.store.has_blob(rec.uncompressed):
+        if rec is None or not rec.reencodable:
             return None
+        # The cache first: a layer whose landing is due (casd.oci.landing) has no tar yet.
         if self.cache is not None and self.cache.has(digest):
             return "cache", rec.size, rec
+        if not self.store.has_blob(rec.uncompressed):
+            return None
         return "reencode", rec.size, rec
 
     async def blob_size(self, repo: str, digest: str) -> int | None:
@@ -192,8 +204,10 @@ class StoreSource:
                 yield piece
 
         it = pieces()
+        busy = self.landings.foreground() if self.landings else contextlib.nullcontext()
         try:
-            yield it
+            with busy:
+                yield it
         finally:
             await it.aclose()  # type: ignore[attr-defined]
             await self.run(_close, gen)

@@ -28,11 +28,10 @@ from casd.chunking import Chunker, format_digest
 from casd.client import Client
 from casd.errors import DigestMismatch, NoSpace, PeerRefused, StoreError, UserError
 from casd.nursery import open_nursery
-from casd.oci import gogzip, gzipre, media, members
+from casd.oci import gogzip, gzipre, media
+from casd.oci.landing import Landings, landing_name, store_compressed
 from casd.oci.layers import (
     PIECE,
-    BlobWriter,
-    IterReader,
     LayerCache,
     LayerError,
     LayerRecord,
@@ -140,10 +139,13 @@ async def sync_with_images(
     cache: LayerCache | None = None,
     link: Link | None = None,
     layer_link: Link | None = None,
+    landings: Landings | None = None,
 ) -> SyncReport:
     """:func:`casd.replicate.sync_into_store`, completed with what images reference;
     ``link`` as there; ``layer_link`` the link as fast as it was seen to go, which
-    decides whether a layer made by Go's gzip comes whole (:func:`whole_is_faster`)."""
+    decides whether a layer made by Go's gzip comes whole (:func:`whole_is_faster`).
+    ``landings``: where a layer that comes as its compressed bytes has its tar stored
+    after the sync (casd.oci.landing); without, during it."""
     local_before = dict(await run(store.list_names))
     deferred: list[tuple[str, str]] = []
     report = await sync_into_store(
@@ -157,7 +159,17 @@ async def sync_with_images(
                     _previous_version, store, name, doc, local_before
                 )
                 await _complete_image(
-                    src, store, run, digest, old, report, on_progress, cache, link, layer_link
+                    src,
+                    store,
+                    run,
+                    digest,
+                    old,
+                    report,
+                    on_progress,
+                    cache,
+                    link,
+                    layer_link,
+                    landings,
                 )
         for name, digest in deferred:
             await run(store.tag, name, digest)
@@ -225,6 +237,7 @@ async def _complete_image(
     cache: LayerCache | None,
     link: Link | None,
     layer_link: Link | None = None,
+    landings: Landings | None = None,
 ) -> None:
     doc = await run(_document, store, top)
     assert doc is not None
@@ -253,7 +266,7 @@ async def _complete_image(
         layer.digest
         for _, layer, _ in wanted
         if not await run(store.has_blob, layer.digest)
-        and not await run(_layer_ready, store, layer.digest)
+        and not await run(_layer_ready, store, layer.digest, cache)
     ]
 
     async def lookup(d: str) -> None:
@@ -287,22 +300,23 @@ async def _complete_image(
         rec = LayerRecord.from_json(await run(read_small, store, records[d]) or b"")
         bases: list[str] = old_layers.get(key) or next(iter(old_layers.values()), [])
         makeable = rec.raw is None and rec.reencodable and can_reencode_here(rec)
+        # Its compressed bytes can land in the cache, its tar stored after the sync.
+        deferrable = landings is not None and cache is not None and rec.size <= cache.max_bytes
         whole = makeable and bool(bases) and whole_is_faster(rec, layer_link)
-        if (rec.raw is None and rec.reencodable and not makeable) or whole:
+        if whole:
+            report.layers_whole += 1
+            log.info(
+                "layer %s: its %d bytes cross sooner than this host makes them again from "
+                "its %d-byte tar; fetching them",
+                d,
+                rec.size,
+                rec.uncompressed_size,
+            )
+        if (rec.raw is None and rec.reencodable and not makeable) or (whole and not deferrable):
             # Made by Go's gzip, and this host either lacks the helper that makes it again
             # or would take longer making it than its bytes take to cross: the compressed
             # bytes come as a blob, which then serves the layer here.
-            if whole:
-                report.layers_whole += 1
-                log.info(
-                    "layer %s: its %d bytes cross faster than %s makes its %d-byte tar "
-                    "again; fetching them",
-                    d,
-                    rec.size,
-                    gogzip.HELPER,
-                    rec.uncompressed_size,
-                )
-            else:
+            if not whole:
                 log.info("layer %s: no %s here, fetching its compressed bytes", d, gogzip.HELPER)
             await src.call("oci.materialize", {"digest": d})
             contents.append(d)
@@ -312,12 +326,15 @@ async def _complete_image(
             contents.append(rec.raw or d)
             continue
         contents.append(rec.uncompressed)
-        if bases:
+        # A layer that comes whole streams as a first pull's does (no base: no hint).
+        if bases and not whole:
             hints[rec.uncompressed] = bases[min(i, len(bases) - 1)]
     by_content = {
         (rec.uncompressed if rec.reencodable and rec.raw is None else rec.raw or d): d
         for d, rec in parsed.items()
     }
+    if landings is not None:  # a base whose tar is still being stored here: wait for it
+        await landings.wait_for(set(hints.values()))
     verify_limit = trio.CapacityLimiter(1)  # one core re-encodes, the other receives
     failed: list[str] = []
     done: set[str] = set()
@@ -355,7 +372,18 @@ async def _complete_image(
             if not ok:
                 failed.append(d)
                 return
+        if d in deferred:
+            # Its bytes, in the cache, are its only copy here until its tar is stored:
+            # the landing is due (a name, so a restart resumes it) before the layer shows.
+            await run(store.tag, landing_name(d), records[d])
+            await run(store.tag, media.layer_record_name(d), records[d])
+            assert landings is not None
+            landings.submit(rec)
+            report.layers_deferred += 1
+            return
         await run(store.tag, media.layer_record_name(d), records[d])
+
+    deferred: set[str] = set()
 
     async with open_nursery() as verifiers:
 
@@ -382,22 +410,25 @@ async def _complete_image(
             try:
                 if after is not None:
                     await after.wait()
+                defer = landings is not None and r.keeps_bytes
                 ok = await _land_compressed(
-                    src, store, run, r, report, on_progress, in_flight, crossed.set
+                    src, store, run, r, report, on_progress, in_flight, crossed.set, defer=defer
                 )
+                if ok and defer:
+                    deferred.add(by_content[content])
             finally:
                 crossed.set()
             if ok:
                 streamed.add(content)
                 await arrived(content)
 
-        async with open_nursery() as landings:
+        async with open_nursery() as streams:
             after: trio.Event | None = None
             for content, r in list(landing.items()):
                 if content in hints or await run(store.has_blob, content):
                     continue
                 crossed = trio.Event()
-                landings.start_soon(land, content, r, after, crossed)
+                streams.start_soon(land, content, r, after, crossed)
                 after = crossed
         await _sync_digests(
             src,
@@ -432,13 +463,17 @@ async def _land_compressed(
     on_progress: Progress,
     in_flight: list[int],
     received: Callable[[], None] | None = None,
+    *,
+    defer: bool = False,
 ) -> bool:
     """Fetch the layer ``landing`` re-encodes as its compressed bytes (oci.layer) and
     store its tar, as the importer would from a registry. Returns False where that
     failed and nothing of it is visible (the source cannot stream it, or what came is
     not the layer): its chunks come instead. ``received`` is called once the source
     sent its last byte (the tar is still being stored); ``in_flight[0]`` counts the
-    bytes of the landings under way, for progress."""
+    bytes of the landings under way, for progress. ``defer``: only check the bytes and
+    keep them, durably, in the cache (``landing`` keeps them); the tar is stored later
+    (casd.oci.landing)."""
     rec = landing.rec
     wire, started = src.peer.wire_bytes, trio.current_time()
     made: list[int] = []
@@ -457,7 +492,11 @@ async def _land_compressed(
         )
 
     def land(pieces: Iterator[bytes]) -> None:
-        made.append(_store_compressed(store, pieces, landing))
+        made.append(
+            _spool_compressed(pieces, landing)
+            if defer
+            else store_compressed(store, pieces, landing)
+        )
 
     # What crossed, and when, as the source stopped sending: the next layer's stream
     # begins then, while this one's tail is still being stored.
@@ -499,114 +538,14 @@ async def _land_compressed(
     return True
 
 
-def _store_compressed(store: Store, pieces: Iterator[bytes], landing: _Reencoder) -> int:
-    """Worker thread: check the compressed bytes arriving as ``pieces`` against the
-    layer ``landing`` re-encodes, decompress them, and store the tar cut as the importer
-    cuts it; the tar blob is committed only once both digests match. That this host can
-    make the bytes again is checked as they pass: a converted layer's members one by one
-    (casd.oci.members.MembersDecoder, and ``landing`` keeps the bytes for the cache),
-    other layers by ``landing`` re-encoding the tar. Returns the tar's size.
-
-    Raises:
-        DigestMismatch: the bytes are not the layer, or do not decompress to its tar.
-        LayerFormatError: they are not gzip, or not members this host makes.
-    """
-    rec = landing.rec
-    sha = hashlib.sha256()
-    size = 0
-
-    def counted() -> Iterator[bytes]:
-        nonlocal size
-        for piece in pieces:
-            size += len(piece)
-            if size > rec.size:
-                raise DigestMismatch(rec.digest, f"a stream longer than its {rec.size} bytes")
-            sha.update(piece)
-            yield piece
-
-    encoding = rec.encoding or {}
-    codec = encoding.get("codec")
-    checked_members = codec == members.CODEC
-    if checked_members:
-        params = members.MembersParams.from_dict(
-            {k: v for k, v in encoding.items() if k != "codec"}
-        )
-        # Members are deflated again only in part when the cache keeps the bytes (and
-        # holds them until the whole layer was made here): else in full, now.
-        decoder = members.MembersDecoder(params, sample=landing.keeps_bytes)
-
-        def tar() -> Iterator[bytes | bytearray]:
-            for piece in counted():
-                landing.keep(piece)
-                yield from decoder.feed(piece)
-            yield from decoder.finish()
-
-    elif codec == gogzip.CODEC and landing.keeps_bytes:
-        # Go's gzip: made again here at about a third of the speed the landing goes at.
-        # The cache keeps the bytes as they came (held until a whole re-encoding made
-        # them, as for members), and the helper makes the first blocks now: a host whose
-        # build differs is found at once, not at eviction.
-        pg = gogzip.PgzipParams.from_dict({k: v for k, v in encoding.items() if k != "codec"})
-        head, plain = bytearray(), bytearray()
-        sample = 4 * pg.block
-        sampled = False
-
-        def check_sample() -> None:
-            nonlocal sampled
-            sampled = True
-            if not gogzip.sample_matches(pg, head, plain):
-                raise gzipre.LayerFormatError(
-                    f"layer {rec.digest}: this host's {gogzip.HELPER} does not make its "
-                    "first blocks"
-                )
-
-        def compressed() -> Iterator[bytes]:
-            for piece in counted():
-                landing.keep(piece)
-                if not sampled and len(head) < 2 * sample:
-                    head.extend(piece)
-                yield piece
-
-        def tar() -> Iterator[bytes | bytearray]:
-            for piece in gzipre.decompress(compressed()):
-                if not sampled:
-                    plain.extend(piece)
-                    if len(plain) > sample:
-                        check_sample()
-                yield piece
-            if not sampled:
-                check_sample()
-
-    else:
-
-        def tar() -> Iterator[bytes | bytearray]:
-            for piece in gzipre.decompress(counted()):
-                landing.feed(piece)
-                yield piece
-
-    with BlobWriter(store, background=True) as w:
-        for chunk in TarCutter(Chunker()).cut_stream(IterReader(tar())):  # type: ignore[arg-type]
-            w.add(chunk)
-        if (got := format_digest(sha.digest())) != rec.digest or size != rec.size:
-            raise DigestMismatch(rec.digest, f"{got} ({size} bytes)")
-        if w.digest != rec.uncompressed:
-            raise DigestMismatch(rec.uncompressed, w.digest)
-        w.commit()
-    if checked_members:
-        landing.kept_whole(checked=decoder.fully_checked)
-    elif codec == gogzip.CODEC and landing.keeps_bytes:
-        landing.kept_whole(checked=False)
-    return w.size
-
-
 class _Reencoder:
     """Re-encodes a layer's tar fed in order, hashes the output, and writes it to the cache
     (renamed in only once the digest matched). ``feed`` and ``finish`` run in worker
     threads, one at a time.
 
-    A layer whose compressed bytes arrive checked otherwise (:func:`_store_compressed`)
-    is not re-encoded: they are handed to ``keep`` instead, for the cache, and
-    ``kept_whole`` says they were all the layer."""
+    A layer whose compressed bytes arrive checked otherwise
+    (:func:`casd.oci.landing.store_compressed`) is not re-encoded: they are handed to
+    ``keep`` instead, for the cache, and ``kept_whole`` says they were all the layer."""
 
     def __init__(self, rec: LayerRecord, cache: LayerCache | None) -> None:
         self.rec = rec
@@ -621,6 +560,7 @@ class _Reencoder:
         self._tmp_path = ""
         self._kept: bool | None = None  # None: re-encoding; else whether keep() had it all
         self._checked = True
+        self._durable = False
         if cache is not None and rec.size <= cache.max_bytes:
             fd, self._tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
             self._tmp = os.fdopen(fd, "wb")
@@ -655,11 +595,14 @@ class _Reencoder:
         if self._tmp is not None:
             self._tmp.write(piece)
 
-    def kept_whole(self, *, checked: bool = True) -> None:
+    def kept_whole(self, *, checked: bool = True, durable: bool = False) -> None:
         """All the layer's bytes went to :meth:`keep`; ``checked``: and this host was
-        found to make them all again (else the cache keeps them until it has)."""
+        found to make them all again (else the cache keeps them until it has);
+        ``durable``: they are the only copy here, so they reach the disk before
+        :meth:`finish` returns."""
         self._kept = True
         self._checked = checked
+        self._durable = durable
 
     def _out(self, piece: bytes) -> None:
         if piece:
@@ -679,10 +622,15 @@ class _Reencoder:
         if not ok:
             log.warning("layer %s does not re-encode here", self.rec.digest)
         if self._tmp is not None:
+            if ok and self._durable:
+                self._tmp.flush()
+                os.fsync(self._tmp.fileno())
             self._tmp.close()
             self._tmp = None
             if ok and self._cache is not None:
-                self._cache.adopt(self.rec.digest, self._tmp_path, checked=self._checked)
+                self._cache.adopt(
+                    self.rec.digest, self._tmp_path, checked=self._checked, durable=self._durable
+                )
             else:
                 os.unlink(self._tmp_path)
         return ok
@@ -700,20 +648,44 @@ def whole_is_faster(rec: LayerRecord, link: Link | None) -> bool:
     """Whether a layer Go's gzip made should come as its compressed bytes although an
     old version of it is here: on ``link`` (as fast as it was seen to go) they cross
     sooner than casd-gogzip would make them again from the tar, which serving them
-    takes, whole (about 90 MB/s of tar on 2 cores, a third of members' speed). Layers
-    that re-encode fast always come as chunks of their tar; with nothing measured, so
-    do these (the fewest bytes)."""
+    takes, whole (about 90 MB/s of tar on 2 cores). With nothing measured: chunks (the
+    fewest bytes). Converted layers (members) always come as chunks: they re-encode
+    about three times faster, and the fewest bytes is what a converted image promises
+    (bench/oci.py weighs them against the ideal on every link)."""
     if link is None or link.rate <= 0 or (rec.encoding or {}).get("codec") != gogzip.CODEC:
         return False
     return rec.size / link.rate < rec.uncompressed_size / gogzip.REENCODE_RATE
 
 
-def _layer_ready(store: Store, digest: str) -> bool:
+def _layer_ready(store: Store, digest: str, cache: LayerCache | None) -> bool:
     try:
         rec = read_record(store, digest)
     except Exception:
         return False
-    return rec is not None and store.has_blob(rec.uncompressed)
+    if rec is None:
+        return False
+    # Its tar, or (its landing due) its bytes in the cache.
+    return store.has_blob(rec.uncompressed) or (cache is not None and cache.has(digest))
+
+
+def _spool_compressed(pieces: Iterator[bytes], landing: _Reencoder) -> int:
+    """Worker thread: check the compressed bytes arriving as ``pieces`` against the
+    layer and hand them all to ``landing`` (which writes them to the cache, durably);
+    the tar is stored later (casd.oci.landing). Returns the tar's size, as the record
+    says it."""
+    rec = landing.rec
+    sha = hashlib.sha256()
+    size = 0
+    for piece in pieces:
+        size += len(piece)
+        if size > rec.size:
+            raise DigestMismatch(rec.digest, f"a stream longer than its {rec.size} bytes")
+        sha.update(piece)
+        landing.keep(piece)
+    if (got := format_digest(sha.digest())) != rec.digest or size != rec.size:
+        raise DigestMismatch(rec.digest, f"{got} ({size} bytes)")
+    landing.kept_whole(checked=False, durable=True)
+    return rec.uncompressed_size
 
 
 def _verify(store: Store, rec: LayerRecord, cache: LayerCache | None) -> bool:

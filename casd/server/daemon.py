@@ -27,6 +27,7 @@ from casd.auth import Scope, TokenTable, parse_token_lines
 from casd.chunking import ChunkerParams
 from casd.errors import CasdError, ConfigError
 from casd.nursery import open_nursery
+from casd.oci.landing import Landings
 from casd.oci.layers import LayerCache, reencodes
 from casd.server.service import ServerContext, handle_stream
 from casd.storage.disk import DiskStore
@@ -174,12 +175,14 @@ async def serve(
     try:
         cache = LayerCache(os.path.join(config.data, "oci-cache"), config.oci_cache_bytes)
         cache.checker = partial(reencodes, store)
+        landings = Landings(store, cache)
         ctx = ServerContext(
             store=store,
             tokens=config.tokens,
             tls_ca=config.tls_ca,
             data_dir=config.data,
             oci_cache=cache,
+            landings=landings,
             deltas=config.deltas,
         )
         tcp_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
@@ -191,6 +194,15 @@ async def serve(
         stop = trio.Event()
         async with open_nursery() as outer:
             handlers = await outer.start(_run_handlers, stop)
+            # Landings due from before a restart resume here; stopped with the handlers
+            # (one interrupted is due again on the next start).
+            background = trio.CancelScope()
+
+            async def land() -> None:
+                with background:
+                    await landings.run()
+
+            outer.start_soon(land)
 
             async with open_nursery() as accept:
                 if config.oci_listen is not None:
@@ -200,7 +212,7 @@ async def serve(
 
                     oci_host, oci_port = config.oci_listen
                     oci_bound = await accept.start(
-                        serve_oci, StoreSource(store, ctx.run, cache), oci_host, oci_port
+                        serve_oci, StoreSource(store, ctx.run, cache, landings), oci_host, oci_port
                     )
                     log.info("OCI pull API at http://%s:%d/v2/", *oci_bound[:2])
                 accept.start_soon(
@@ -230,6 +242,7 @@ async def serve(
                         break
                 accept.cancel_scope.cancel()
             handlers.cancel_scope.deadline = trio.current_time() + config.grace
+            background.cancel()
             stop.set()
     finally:
         await trio.to_thread.run_sync(store.close)

@@ -46,6 +46,7 @@ from casd.errors import (
 )
 from casd.ingest import BlobIngest, IngestError, StoreBatch
 from casd.nursery import open_nursery
+from casd.oci.landing import Landings
 from casd.oci.layers import LayerCache
 from casd.oci.sync import sync_with_images
 from casd.peer import PeerConnection
@@ -171,6 +172,8 @@ class ServerContext:
     # Where operations keep scratch files (OCI import spools) and the OCI layer cache.
     data_dir: str | None = None
     oci_cache: LayerCache | None = None
+    # Layers whose tar is stored after their sync (casd.oci.landing); None: during it.
+    landings: Landings | None = None
     # Whether this daemon asks its sync sources for deltas (`casd serve --no-delta`: no).
     deltas: bool = True
     # Per sync source, what its last large chunk stream found (rate, wire bytes per raw
@@ -561,6 +564,7 @@ class Session:
             # (fading; 0: not measured): what a sync there weighs a layer's bytes by.
             "peer_link_mbit": round((self._delta.host.link_rate or 0.0) * 8e-6, 2),
             "errors": s.errors,
+            **_landing_stats(self.ctx.landings),
             "delta_candidates": s.delta_candidates,
             "delta_chunks": s.delta_chunks,
             "delta_bytes_saved": s.delta_bytes_saved,
@@ -854,17 +858,19 @@ class Session:
                 async with open_nursery() as first:  # one round trip for both
                     first.start_soon(counters)
                     first.start_soon(names)
-                report = await sync_with_images(
-                    src,
-                    self.ctx.store,
-                    self.ctx.run,
-                    pairs,
-                    dry_run=ev.dry_run,
-                    on_progress=send_progress,
-                    cache=self.ctx.oci_cache,
-                    link=self.ctx.links.get(source) if self.ctx.deltas else None,
-                    layer_link=_fastest(self.ctx.links.get(source), kernel_rate[0]),
-                )
+                with _foreground(self.ctx.landings):
+                    report = await sync_with_images(
+                        src,
+                        self.ctx.store,
+                        self.ctx.run,
+                        pairs,
+                        dry_run=ev.dry_run,
+                        on_progress=send_progress,
+                        cache=self.ctx.oci_cache,
+                        link=self.ctx.links.get(source) if self.ctx.deltas else None,
+                        layer_link=_fastest(self.ctx.links.get(source), kernel_rate[0]),
+                        landings=self.ctx.landings,
+                    )
                 if (link := report.link) is not None:  # for the next sync from there
                     self.ctx.links[source] = link
                 after = await source_delta_stats(src)
@@ -1021,6 +1027,23 @@ async def handle_stream(ctx: ServerContext, stream: trio.abc.Stream) -> None:
         ctx.stats.bytes_sent += peer.bytes_sent
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await peer.aclose()
+
+
+def _foreground(landings: Landings | None) -> contextlib.AbstractContextManager[None]:
+    return landings.foreground() if landings is not None else contextlib.nullcontext()
+
+
+def _landing_stats(landings: Landings | None) -> dict[str, int | float]:
+    if landings is None:
+        return {}
+    return {
+        # Layers synced as their compressed bytes whose tars are still to be stored.
+        "oci_landings_pending": landings.pending,
+        "oci_landings_done": landings.landed,
+        "oci_landings_kept_whole": landings.kept_whole,
+        "oci_landings_failed": landings.failed,
+        "oci_landing_s": round(landings.seconds, 3),
+    }
 
 
 def _fastest(measured: Link | None, kernel_rate: float) -> Link | None:

@@ -160,7 +160,7 @@ def test_a_go_layer_comes_whole_only_where_its_bytes_cross_sooner_than_it_is_mad
     members = dataclasses.replace(
         go, encoding={"codec": "gzip-members", "level": 1, "segment": 1 << 20, "lib": "x"}
     )
-    assert not whole_is_faster(members, gbit)  # re-encodes fast: always its tar's chunks
+    assert not whole_is_faster(members, gbit)  # converted: always its tar's chunks
 
 
 def test_the_layer_choice_takes_the_faster_of_the_two_link_figures() -> None:

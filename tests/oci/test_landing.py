@@ -5,16 +5,21 @@ bytes that are not the layer."""
 from __future__ import annotations
 
 import gzip
+import os
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 
 from casd.chunking import Chunker
 from casd.errors import CasdError
 from casd.oci import media, members
 from casd.oci.importer import ingest_layer
-from casd.oci.layers import LayerCache, LayerRecord, read_record
-from casd.oci.sync import _Reencoder, _store_compressed
+from casd.oci.landing import LANDING_PREFIX, Landings, landing_name, store_compressed
+from casd.oci.layers import LayerCache, LayerRecord, put_bytes, read_record, reencodes
+from casd.oci.source import StoreSource
+from casd.oci.sync import _Reencoder
 from casd.storage.memory import MemoryStore
 from casd.storage.testing import read_blob
 from tests.oci.images import sha256_digest as sha
@@ -50,7 +55,7 @@ def test_the_tar_is_stored_as_the_importer_cut_it_and_the_layer_checked(
     src, layer, rec = imported(tmp_path, tar_bytes, how)
     dst = MemoryStore()
     landing = _Reencoder(rec, None)
-    assert _store_compressed(dst, iter(pieces(layer)), landing) == len(tar_bytes)
+    assert store_compressed(dst, iter(pieces(layer)), landing) == len(tar_bytes)
     assert read_blob(dst, rec.uncompressed) == tar_bytes
     # The same chunks as the source's: the next version's deltas find them here.
     assert dst.get_recipe(rec.uncompressed) == src.get_recipe(rec.uncompressed)
@@ -72,7 +77,7 @@ def test_bytes_that_are_not_the_layer_store_no_tar(
         bad += b"\x00" * 10
     dst = MemoryStore()
     with pytest.raises(CasdError):
-        _store_compressed(dst, iter(pieces(bytes(bad))), _Reencoder(rec, None))
+        store_compressed(dst, iter(pieces(bytes(bad))), _Reencoder(rec, None))
     assert not dst.has_blob(rec.uncompressed)
 
 
@@ -86,7 +91,126 @@ def test_the_cache_keeps_the_bytes_and_a_sampled_check_marks_them_unchecked(
     _src, layer, rec = imported(tmp_path, tar_bytes, how)
     cache = LayerCache(str(tmp_path / "cache"))
     landing = _Reencoder(rec, cache)
-    _store_compressed(MemoryStore(), iter(pieces(layer)), landing)
+    store_compressed(MemoryStore(), iter(pieces(layer)), landing)
     assert landing.finish()
     assert Path(cache.path(rec.digest)).read_bytes() == layer
     assert cache.unchecked(rec.digest) == (how == "members")
+
+
+# --- deferred landings (casd.oci.landing.Landings) -----------------------------------------
+
+
+def due(tmp_path: Path, layer: bytes, rec: LayerRecord) -> tuple[MemoryStore, LayerCache]:
+    """A receiver as a sync leaves it when it defers a layer's landing: the bytes in the
+    cache (unchecked), the record and the landing named, no tar."""
+    dst = MemoryStore()
+    record = put_bytes(dst, rec.to_json(), Chunker())
+    dst.tag(media.layer_record_name(rec.digest), record)
+    dst.tag(landing_name(rec.digest), record)
+    cache = LayerCache(str(tmp_path / "cache"))
+    cache.checker = partial(reencodes, dst)  # as the daemon's
+    spool = tmp_path / "spool-b"
+    spool.write_bytes(layer)
+    cache.adopt(rec.digest, str(spool), checked=False, durable=True)
+    return dst, cache
+
+
+async def land_all(landings: Landings, rec: LayerRecord) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(landings.run)  # resumes what its names say is due
+        with trio.fail_after(30):
+            await landings.wait_for([rec.uncompressed])
+        assert landings.pending == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("how", ["members", "zlib"])
+async def test_a_due_landing_is_resumed_from_its_name_and_stores_the_tar(
+    tmp_path: Path, tar_bytes: bytes, how: str
+) -> None:
+    src, layer, rec = imported(tmp_path, tar_bytes, how)
+    dst, cache = due(tmp_path, layer, rec)
+    source = StoreSource(dst, trio.to_thread.run_sync, cache)
+    # Meanwhile the layer serves from the cache, its only copy here.
+    assert await source.blob_size("x", rec.digest) == len(layer)
+    assert not cache_may_evict(cache, rec.digest)
+
+    landings = Landings(dst, cache)  # as a daemon starts after a crash: nothing submitted
+    await land_all(landings, rec)
+    assert (landings.landed, landings.kept_whole, landings.failed) == (1, 0, 0)
+    assert read_blob(dst, rec.uncompressed) == tar_bytes
+    assert dst.get_recipe(rec.uncompressed) == src.get_recipe(rec.uncompressed)
+    assert dst.list_names(LANDING_PREFIX) == []
+    # Now the tar makes the bytes again, so the cache may let them go.
+    assert cache_may_evict(cache, rec.digest)
+
+
+def cache_may_evict(cache: LayerCache, digest: str) -> bool:
+    return cache._may_go(cache.path(digest))
+
+
+async def test_a_landing_whose_tar_is_not_the_records_keeps_the_bytes_as_a_blob(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    _, layer, rec = imported(tmp_path, tar_bytes, "members")
+    wrong = LayerRecord(
+        rec.digest,
+        rec.size,
+        rec.media_type,
+        sha(b"another tar"),
+        rec.uncompressed_size,
+        encoding=rec.encoding,
+    )
+    dst, cache = due(tmp_path, layer, wrong)
+    landings = Landings(dst, cache)
+    await land_all(landings, wrong)
+    assert (landings.landed, landings.kept_whole) == (0, 1)
+    assert not dst.has_blob(wrong.uncompressed)
+    assert read_blob(dst, rec.digest) == layer  # serves from the store from now on
+    assert dst.list_names(LANDING_PREFIX) == []
+
+
+async def test_a_landing_whose_bytes_are_gone_is_dropped(tmp_path: Path, tar_bytes: bytes) -> None:
+    _, layer, rec = imported(tmp_path, tar_bytes, "members")
+    dst, cache = due(tmp_path, layer, rec)
+    os.unlink(cache.path(rec.digest))
+    landings = Landings(dst, cache)
+    await land_all(landings, rec)
+    assert dst.list_names(LANDING_PREFIX) == []
+    assert not dst.has_blob(rec.uncompressed)
+
+
+async def test_a_sync_waits_for_its_base_to_land(tmp_path: Path, tar_bytes: bytes) -> None:
+    _, layer, rec = imported(tmp_path, tar_bytes, "members")
+    dst, cache = due(tmp_path, layer, rec)
+    landings = Landings(dst, cache)
+    landings.submit(rec)
+    assert landings.is_due(rec.digest)
+    with trio.move_on_after(0.2):
+        await landings.wait_for([rec.uncompressed])
+        pytest.fail("returned before the landing ran")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(landings.run)
+        with trio.fail_after(30):
+            await landings.wait_for([rec.uncompressed, "sha256:" + "0" * 64])
+        assert dst.has_blob(rec.uncompressed)
+        nursery.cancel_scope.cancel()
+
+
+async def test_landings_give_way_to_foreground_work_unless_one_is_waited_for(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    _, layer, rec = imported(tmp_path, tar_bytes, "members")
+    dst, cache = due(tmp_path, layer, rec)
+    landings = Landings(dst, cache)
+    async with trio.open_nursery() as nursery:
+        with landings.foreground():  # a client pulling a layer, say
+            await nursery.start(landings.run)
+            await trio.sleep(0.5)
+            assert landings.pending == 1
+            assert not dst.has_blob(rec.uncompressed)
+            # A sync needs it as its base: it goes on, foreground or not.
+            with trio.fail_after(30):
+                await landings.wait_for([rec.uncompressed])
+        assert dst.has_blob(rec.uncompressed)
+        nursery.cancel_scope.cancel()
