@@ -436,6 +436,14 @@ def run_series(
                 )
                 for d in [b] + ([b_nd] if b_nd else []):
                     wait_landed(d, B)
+                    # What B measured of the link from A while it was not limited is not
+                    # the link the steps run on: B starts them knowing none, as a host
+                    # that got v1 elsewhere would (or its syncs would take the fast
+                    # figure, and move layers whole over 20 Mbit/s).
+                    d.stop()
+                    d.start(timeout=60)
+                assert b.proc is not None
+                meter.b_pids = [b.proc.pid] + ([b_nd.proc.pid] if b_nd and b_nd.proc else [])
             prev = first
         for tag in s.tags if measure_cold else s.tags[1:]:
             label = f"cold {tag}" if prev is None else f"{prev}->{tag}"

@@ -49,6 +49,9 @@ from casd.storage.interface import Store
 
 log = logging.getLogger("casd.oci")
 
+#: Seconds without foreground work before a landing goes on.
+IDLE_GRACE = 1.0
+
 #: Names ``.oci/landing/<layer digest>`` -> the layer's record blob: landings still due.
 LANDING_PREFIX = ".oci/landing/"
 
@@ -273,6 +276,7 @@ class Landings:
         self._waiting = 0
         self._go = threading.Event()
         self._go.set()
+        self._idle_since = 0.0  # time.monotonic() when the last foreground work ended
         self.landed = 0
         self.kept_whole = 0
         self.failed = 0
@@ -321,16 +325,27 @@ class Landings:
             self._update()
 
     def _update(self) -> None:
+        if self._busy == 0:
+            self._idle_since = time.monotonic()
         if self._busy == 0 or self._waiting:
             self._go.set()
         else:
             self._go.clear()
 
     def _pause(self, stop: threading.Event) -> None:
-        """Worker thread: wait while foreground work runs."""
-        while not self._go.wait(0.2):
+        """Worker thread: wait while foreground work runs, and for IDLE_GRACE after it
+        (a client that pulls an image just synced asks for its manifest, config and
+        layers one after another: the landing does not wedge itself between them)."""
+        while True:
             if stop.is_set():
                 raise Stopped
+            if self._go.wait(0.2):
+                if self._waiting:
+                    return
+                left = self._idle_since + IDLE_GRACE - time.monotonic()
+                if left <= 0:
+                    return
+                stop.wait(min(left, 0.2))
 
     def _resume(self) -> list[LayerRecord]:
         out = []

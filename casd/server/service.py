@@ -515,6 +515,9 @@ class Session:
         await self.peer.send(casproto.Have(ev.rid, casproto.pack_bitmap(have)))
 
     async def _stat(self, ev: casproto.Stat) -> None:
+        if self.ctx.landings is not None:  # a layer's tar still being stored: it comes
+            await self.ctx.landings.wait_for([ev.ref])  # (casd.oci.landing) soon
+
         def stat() -> casproto.BlobInfo:
             store = self.ctx.store
             digest = store.resolve(ev.ref)
@@ -584,6 +587,8 @@ class Session:
     # --- pull: recipe, then chunks on demand -----------------------------------------
 
     async def _pull(self, ev: casproto.Pull | casproto.PullDelta) -> None:
+        if self.ctx.landings is not None:
+            await self.ctx.landings.wait_for([ev.ref])
         store = self.ctx.store
 
         def recipe() -> tuple[Any, bytes | None]:
