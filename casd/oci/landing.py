@@ -360,6 +360,8 @@ class Landings:
                     "landing of layer %s cannot resume: its record or bytes are gone", digest
                 )
                 self.store.untag(name)
+                if rec is None:  # stopped before its sync named it: the bytes serve nothing
+                    self.cache.discard(digest)
                 continue
             out.append(rec)
         return out
@@ -406,7 +408,10 @@ class Landings:
             self.kept_whole += 1
         else:
             self.landed += 1
-        await trio.to_thread.run_sync(self.store.untag, landing_name(rec.digest))
+        try:
+            await trio.to_thread.run_sync(self.store.untag, landing_name(rec.digest))
+        except Exception as exc:  # landed all the same; its name is dropped on the next start
+            log.error("layer %s landed, but its landing name stays: %s", rec.digest, exc)
         log.info(
             "layer %s landed (%s) in %.1fs", rec.digest, t.result, time.perf_counter() - started
         )

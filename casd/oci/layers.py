@@ -516,6 +516,12 @@ class LayerCache:
                 os.unlink(marker)
         self.evict()
 
+    def discard(self, digest: str) -> None:
+        """Remove the cached copy of ``digest`` (and its unchecked mark), if any."""
+        for path in (self.path(digest), self.path(digest) + UNCHECKED):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
     def _may_go(self, path: str) -> bool:
         """Whether the cached file at ``path`` may be evicted: checked, or found now to
         be what this host makes of the layer's tar (worth the time: the alternative is

@@ -214,3 +214,21 @@ async def test_landings_give_way_to_foreground_work_unless_one_is_waited_for(
                 await landings.wait_for([rec.uncompressed])
         assert dst.has_blob(rec.uncompressed)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_landing_stopped_before_its_record_was_named_leaves_nothing_behind(
+    tmp_path: Path, tar_bytes: bytes
+) -> None:
+    # A crash between naming the landing and naming the record: the sync never ended,
+    # so the bytes serve nothing, and the cache must not keep them past its bound.
+    _, layer, rec = imported(tmp_path, tar_bytes, "members")
+    dst, cache = due(tmp_path, layer, rec)
+    dst.untag(media.layer_record_name(rec.digest))
+    landings = Landings(dst, cache)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(landings.run)
+        assert landings.pending == 0
+        nursery.cancel_scope.cancel()
+    assert dst.list_names(LANDING_PREFIX) == []
+    assert not cache.has(rec.digest)
+    assert not cache.unchecked(rec.digest)
