@@ -76,6 +76,33 @@ class Keeper(Protocol):
     def kept_whole(self, *, checked: bool = True) -> None: ...
 
 
+class CheckedLayer:
+    """A layer's compressed bytes as they arrive, hashed and counted as they pass: more
+    bytes than the layer has fail at once, and :meth:`check` once all have passed."""
+
+    def __init__(self, rec: LayerRecord, pieces: Iterator[bytes]) -> None:
+        self.rec = rec
+        self._pieces = pieces
+        self._sha = hashlib.sha256()
+        self._size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self._pieces:
+            self._size += len(piece)
+            if self._size > self.rec.size:
+                raise DigestMismatch(
+                    self.rec.digest, f"a stream longer than its {self.rec.size} bytes"
+                )
+            self._sha.update(piece)
+            yield piece
+
+    def check(self) -> None:
+        """Raises DigestMismatch unless the bytes that passed were the layer."""
+        got = format_digest(self._sha.digest())
+        if got != self.rec.digest or self._size != self.rec.size:
+            raise DigestMismatch(self.rec.digest, f"{got} ({self._size} bytes)")
+
+
 def store_compressed(store: Store, pieces: Iterator[bytes], landing: Keeper) -> int:
     """Worker thread: check the compressed bytes arriving as ``pieces`` against the
     layer ``landing`` re-encodes, decompress them, and store the tar cut as the importer
@@ -89,17 +116,7 @@ def store_compressed(store: Store, pieces: Iterator[bytes], landing: Keeper) -> 
         LayerFormatError: they are not gzip, or not members this host makes.
     """
     rec = landing.rec
-    sha = hashlib.sha256()
-    size = 0
-
-    def counted() -> Iterator[bytes]:
-        nonlocal size
-        for piece in pieces:
-            size += len(piece)
-            if size > rec.size:
-                raise DigestMismatch(rec.digest, f"a stream longer than its {rec.size} bytes")
-            sha.update(piece)
-            yield piece
+    stream = CheckedLayer(rec, pieces)
 
     encoding = rec.encoding or {}
     codec = encoding.get("codec")
@@ -113,7 +130,7 @@ def store_compressed(store: Store, pieces: Iterator[bytes], landing: Keeper) -> 
         decoder = members.MembersDecoder(params, sample=landing.keeps_bytes)
 
         def tar() -> Iterator[bytes | bytearray]:
-            for piece in counted():
+            for piece in stream:
                 landing.keep(piece)
                 yield from decoder.feed(piece)
             yield from decoder.finish()
@@ -138,7 +155,7 @@ def store_compressed(store: Store, pieces: Iterator[bytes], landing: Keeper) -> 
                 )
 
         def compressed() -> Iterator[bytes]:
-            for piece in counted():
+            for piece in stream:
                 landing.keep(piece)
                 if not sampled and len(head) < 2 * sample:
                     head.extend(piece)
@@ -157,15 +174,14 @@ def store_compressed(store: Store, pieces: Iterator[bytes], landing: Keeper) -> 
     else:
 
         def tar() -> Iterator[bytes | bytearray]:
-            for piece in gzipre.decompress(counted()):
+            for piece in gzipre.decompress(iter(stream)):
                 landing.feed(piece)
                 yield piece
 
     with BlobWriter(store, background=True) as w:
         for chunk in TarCutter(Chunker()).cut_stream(IterReader(tar())):  # type: ignore[arg-type]
             w.add(chunk)
-        if (got := format_digest(sha.digest())) != rec.digest or size != rec.size:
-            raise DigestMismatch(rec.digest, f"{got} ({size} bytes)")
+        stream.check()
         if w.digest != rec.uncompressed:
             raise DigestMismatch(rec.uncompressed, w.digest)
         w.commit()

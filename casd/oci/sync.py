@@ -26,10 +26,10 @@ import trio
 from casd.blobdelta import Link
 from casd.chunking import Chunker, format_digest
 from casd.client import Client
-from casd.errors import DigestMismatch, NoSpace, PeerRefused, StoreError, UserError
+from casd.errors import NoSpace, PeerRefused, StoreError, UserError
 from casd.nursery import open_nursery
 from casd.oci import gogzip, gzipre, media
-from casd.oci.landing import Landings, landing_name, store_compressed
+from casd.oci.landing import CheckedLayer, Landings, landing_name, store_compressed
 from casd.oci.layers import (
     PIECE,
     LayerCache,
@@ -673,19 +673,12 @@ def _spool_compressed(pieces: Iterator[bytes], landing: _Reencoder) -> int:
     layer and hand them all to ``landing`` (which writes them to the cache, durably);
     the tar is stored later (casd.oci.landing). Returns the tar's size, as the record
     says it."""
-    rec = landing.rec
-    sha = hashlib.sha256()
-    size = 0
-    for piece in pieces:
-        size += len(piece)
-        if size > rec.size:
-            raise DigestMismatch(rec.digest, f"a stream longer than its {rec.size} bytes")
-        sha.update(piece)
+    stream = CheckedLayer(landing.rec, pieces)
+    for piece in stream:
         landing.keep(piece)
-    if (got := format_digest(sha.digest())) != rec.digest or size != rec.size:
-        raise DigestMismatch(rec.digest, f"{got} ({size} bytes)")
+    stream.check()
     landing.kept_whole(checked=False, durable=True)
-    return rec.uncompressed_size
+    return landing.rec.uncompressed_size
 
 
 def _verify(store: Store, rec: LayerRecord, cache: LayerCache | None) -> bool:
