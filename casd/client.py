@@ -137,6 +137,9 @@ class Client:
         self.delta = DeltaFigures()
         #: Whether fetches may ask for deltas (WANT_DELTA); `casd serve --no-delta` clears it.
         self.allow_deltas = True
+        #: Whether this connection asked the server to encode anything (WANT_DELTA, or a
+        #: whole-blob delta): only then can its delta counters have moved on our account.
+        self.asked_deltas = False
         self.peer = peer
         self.welcome = welcome
         self.features = frozenset(welcome.features)
@@ -739,7 +742,10 @@ class Client:
         async def send(ids: tuple[bytes, ...], request: Callable[[int], casproto.Message]) -> None:
             # One request for ``ids``, made by ``request(rid)``; receive() takes its answers.
             rid, recv = self._open()
-            await self.peer.send(request(rid))
+            message = request(rid)
+            if isinstance(message, casproto.WantDelta):
+                self.asked_deltas = True
+            await self.peer.send(message)
             await opened_send.send((rid, recv, ids))
 
         async def send_plain(ids: tuple[bytes, ...], where: Sequence[int]) -> None:

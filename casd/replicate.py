@@ -755,6 +755,7 @@ async def _copy_as_delta(
     def rebuild(pieces: Iterator[bytes]) -> None:
         blobdelta.rebuild(store, pieces, base, digest, recipe.size, cutter, feed)
 
+    src.asked_deltas = True
     made = await stream_to_thread(
         src, run, "blob.delta", {"target": digest, "base": base}, rebuild, DELTA_PIECES_AHEAD
     )

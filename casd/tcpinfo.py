@@ -40,10 +40,12 @@ class Delivery:
     rwnd_limited_us: int | None = None
 
 
-def delivery(stream: Any) -> Delivery | None:
-    """The latest delivery-rate sample of the TCP connection under ``stream`` (a trio
-    SocketStream, possibly inside SSLStreams), or None where there is none: not Linux,
-    not TCP, or a kernel too old to report it."""
+# tcpi_rtt: the smoothed round-trip time in microseconds, the u32 at byte 68.
+_RTT = struct.Struct("=I")
+_RTT_AT = 68
+
+
+def _tcp_info(stream: Any) -> bytes | None:
     if not sys.platform.startswith("linux"):
         return None
     while hasattr(stream, "transport_stream"):  # trio.SSLStream
@@ -52,10 +54,27 @@ def delivery(stream: Any) -> Delivery | None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        return bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
     except OSError:
         return None
-    if len(info) < _NEEDED:
+
+
+def rtt(stream: Any) -> float | None:
+    """The kernel's smoothed round-trip time of the TCP connection under ``stream``, in
+    seconds; None where there is none (not Linux, not TCP, or no sample yet)."""
+    info = _tcp_info(stream)
+    if info is None or len(info) < _RTT_AT + _RTT.size:
+        return None
+    (us,) = _RTT.unpack_from(info, _RTT_AT)
+    return us / 1e6 if us else None
+
+
+def delivery(stream: Any) -> Delivery | None:
+    """The latest delivery-rate sample of the TCP connection under ``stream`` (a trio
+    SocketStream, possibly inside SSLStreams), or None where there is none: not Linux,
+    not TCP, or a kernel too old to report it."""
+    info = _tcp_info(stream)
+    if info is None or len(info) < _NEEDED:
         return None
     (rate,) = _DELIVERY_RATE.unpack_from(info, _DELIVERY_RATE_AT)
     busy = rwnd = None

@@ -878,8 +878,11 @@ class Session:
                     )
                 if (link := report.link) is not None:  # for the next sync from there
                     self.ctx.links[source] = link
-                after = await source_delta_stats(src)
-                report.source = {k: round(after[k] - before.get(k, 0), 4) for k in after}
+                if src.asked_deltas:
+                    after = await source_delta_stats(src)
+                    report.source = {k: round(after[k] - before.get(k, 0), 4) for k in after}
+                else:  # nothing asked of it could have moved them: spare the round trip
+                    report.source = dict.fromkeys(before, 0)
                 report.wire_bytes = src.peer.wire_bytes  # the whole conversation, handshake on
         except PeerRefused as exc:
             raise UpstreamError(f"source {source} refused: {exc.remote_message}", exc.code) from exc

@@ -23,7 +23,7 @@ from casd.errors import ChunkCorrupt, ChunkMissing, PeerRefused
 from casd.replicate import sync_into_store
 from casd.storage.memory import MemoryStore
 from casd.storage.testing import read_blob
-from casd.tcpinfo import delivery
+from casd.tcpinfo import delivery, rtt
 from tests.casd.server.test_service import client_for, serving
 
 
@@ -322,11 +322,16 @@ async def test_the_kernel_reports_a_delivery_rate_for_a_tcp_stream() -> None:
         for _ in range(20):
             await stream.send_all(b"x" * (1 << 20))
         got = delivery(stream)
+        round_trip = rtt(stream)
         await stream.aclose()
         nursery.cancel_scope.cancel()
     assert got is not None
     assert got.rate > 0
     assert delivery(trio.testing.memory_stream_pair()[0]) is None
+    # The smoothed round trip, which paces when a layer stream asks for the next one.
+    assert round_trip is not None
+    assert 0 < round_trip < 0.5
+    assert rtt(trio.testing.memory_stream_pair()[0]) is None
 
 
 async def test_the_kernel_says_when_the_receiver_holds_the_sender_back() -> None:

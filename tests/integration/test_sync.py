@@ -175,6 +175,9 @@ def test_a_changed_region_travels_as_a_delta_against_the_old_version(
     assert out["bytes_fetched"] < 20_000
     assert ok(casctl(b, "get", "blob")).out == bytes(v2)
     assert stats(a)["delta_chunks"] >= 3
+    # The source's own figures for what it encoded, asked once the chunks came.
+    assert out["source_delta_batches"] >= 1
+    assert out["source_delta_encode_s"] > 0
 
 
 def test_a_destination_serving_with_no_delta_asks_for_chunks_only(
