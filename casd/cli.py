@@ -16,16 +16,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from casd import DEFAULT_LISTEN, __version__
-from casd.chunking import DEFAULT_PARAMS, Chunker
-from casd.client import Client, TransferResult, open_client
 from casd.errors import CasdError, PeerRefused, UserError
 from casd.oci import cli as oci_cli
 from casd.units import human
+
+if TYPE_CHECKING:
+    from casd.chunking import Chunker
+    from casd.client import Client, TransferResult
+
+# trio and the full client (casd.client) are imported where a command needs them, not
+# here: `casctl sync` runs without them (casd.blocking), and starts in 0.17 s, not 0.45.
 
 
 class _ProgressBar:
@@ -113,6 +116,8 @@ def _result_json(r: TransferResult, seconds: float, **extra: Any) -> dict[str, A
 
 
 async def cmd_put(client: Client, args: argparse.Namespace) -> int:
+    from casd.chunking import DEFAULT_PARAMS, Chunker
+
     chunker = Chunker(client.chunker_params or DEFAULT_PARAMS)
     with contextlib.ExitStack() as stack:
         chunks, size = _chunks_of(args.path, chunker, stack)
@@ -311,7 +316,7 @@ async def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_sync(args: argparse.Namespace) -> int:
+def cmd_sync(args: argparse.Namespace) -> int:
     if args.all and args.names:
         raise UserError("give NAMEs or --all, not both")
     if not args.all and not args.names:
@@ -328,19 +333,29 @@ async def cmd_sync(args: argparse.Namespace) -> int:
             last["bytes_done"] = done
 
         if args.via_client:
+            import trio
+
+            from casd.client import open_client
             from casd.replicate import relay_sync, resolve_names
 
-            async with (
-                open_client(args.src, token=src_token, tls_ca=args.tls_ca) as src,
-                open_client(args.dst, token=dst_token, tls_ca=args.tls_ca) as dst,
-            ):
-                pairs = await resolve_names(src, args.names, args.all)
-                rep = await relay_sync(src, dst, pairs, dry_run=args.dry_run)
-                rep.wire_bytes = src.peer.wire_bytes + dst.peer.wire_bytes
-                report, items = rep.as_dict(), rep.items
+            async def relay() -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+                async with (
+                    open_client(args.src, token=src_token, tls_ca=args.tls_ca) as src,
+                    open_client(args.dst, token=dst_token, tls_ca=args.tls_ca) as dst,
+                ):
+                    pairs = await resolve_names(src, args.names, args.all)
+                    rep = await relay_sync(src, dst, pairs, dry_run=args.dry_run)
+                    rep.wire_bytes = src.peer.wire_bytes + dst.peer.wire_bytes
+                    return rep.as_dict(), rep.items
+
+            report, items = trio.run(relay)
         else:
-            async with open_client(args.dst, token=dst_token, tls_ca=args.tls_ca) as dst:
-                done = await dst.sync_from(
+            # DST does the work: this side sends one request and prints its reports, on
+            # a blocking socket (casd.blocking).
+            from casd.blocking import connect
+
+            with connect(args.dst, token=dst_token, tls_ca=args.tls_ca) as dst:
+                done = dst.sync_from(
                     args.src,
                     token=src_token,
                     names=args.names,
@@ -348,7 +363,7 @@ async def cmd_sync(args: argparse.Namespace) -> int:
                     dry_run=args.dry_run,
                     on_progress=on_progress,
                 )
-                report, items = done.report, list(done.items)
+                report, items = dict(done.report), list(done.items)
     seconds = time.perf_counter() - start
     report = {
         **report,
@@ -627,8 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    if args.command == "sync":
-        return await cmd_sync(args)
+    from casd.client import open_client
+
     compress = not getattr(args, "no_compress", False)
     async with open_client(
         args.server, token=args.token, compress=compress, tls_ca=args.tls_ca
@@ -639,6 +654,10 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "sync":
+            return cmd_sync(args)
+        import trio
+
         return trio.run(_run, args)
     except CasdError as exc:
         print(f"casctl: error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ import trio
 import xxhash
 
 from casd import __version__, zstd
+from casd.address import parse_hostport
 from casd.chunking import EMPTY_DIGEST, Chunker, ChunkerParams, chunk_id, format_digest
 from casd.deltachoice import DeltaChooser
 from casd.errors import (
@@ -46,6 +47,7 @@ from casd.errors import (
 from casd.ingest import MAX_CHUNK_SIZE
 from casd.nursery import open_nursery
 from casd.peer import PeerConnection, RequestEnded
+from casd.refusal import refused
 from casd.storage.interface import Recipe
 from casd.tcpinfo import delivery
 
@@ -115,20 +117,6 @@ class TransferResult:
     chunks_delta: int = 0  # transferred chunks that came as deltas against a seed
 
 
-def _refused(err: casproto.Error) -> PeerRefused:
-    code = casproto.ErrorCode(err.code)
-    exc = PeerRefused(int(code), code.name, err.message)
-    if code == casproto.ErrorCode.NOT_FOUND:
-        exc.hint = "`casctl ls` lists the names the server knows"
-    elif code == casproto.ErrorCode.UNAUTHORIZED:
-        exc.hint = "pass the server's token with --token or CASD_TOKEN"
-    elif code == casproto.ErrorCode.NO_SPACE:
-        exc.hint = (
-            "the server's disk is full; nothing partial became visible, retry after freeing space"
-        )
-    return exc
-
-
 class Client:
     """A connected, handshaken client. Make one with :func:`open_client`."""
 
@@ -163,7 +151,7 @@ class Client:
                     return
                 assert isinstance(ev, casproto.Message)
                 if isinstance(ev, casproto.Error) and ev.rid == 0:
-                    self._failure = _refused(ev)
+                    self._failure = refused(ev)
                     return
                 route = self._routes.get(ev.rid)
                 if route is not None:
@@ -205,7 +193,7 @@ class Client:
         except trio.EndOfChannel:
             raise self._failure or PeerGone("connection closed") from None
         if isinstance(ev, casproto.Error):
-            raise _refused(ev)
+            raise refused(ev)
         return ev
 
     async def _call(self, make: Callable[[int], casproto.Message]) -> Any:
@@ -1316,8 +1304,6 @@ async def open_client(
         PeerError: the server cannot be reached, fails TLS, or speaks no casd protocol.
         PeerRefused: the server refused the connection (token, version).
     """
-    from casd.server.daemon import parse_hostport
-
     use_tls = address.startswith("tls://")
     host, port = parse_hostport(address.removeprefix("tls://"))
     try:
@@ -1399,7 +1385,7 @@ async def open_client_on_stream(
         except casproto.ProtocolError as exc:
             raise PeerError(f"{address} does not speak the casd protocol: {exc}") from exc
         if isinstance(ev, casproto.Error):
-            raise _refused(ev)
+            raise refused(ev)
         if not isinstance(ev, casproto.Welcome):
             err = PeerGone(f"{address} closed the connection during the handshake")
             if not address.startswith("tls://"):

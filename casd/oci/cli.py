@@ -9,13 +9,14 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from casd.chunking import format_digest
-from casd.client import Client
 from casd.errors import PeerRefused, UserError
 from casd.oci import media
 from casd.units import human
+
+if TYPE_CHECKING:
+    from casd.client import Client
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -258,11 +259,15 @@ async def _reencode(client: Client, digest: str, out_path: str) -> None:
             data = enc.finish()
             sha.update(data)
             out.write(data)
+    from casd.chunking import format_digest
+
     if format_digest(sha.digest()) != digest:
         raise UserError(f"re-encoding layer {digest} on this machine did not reproduce it")
 
 
 def _sha256_file(path: str) -> str:
+    from casd.chunking import format_digest
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while piece := f.read(1024 * 1024):

@@ -22,7 +22,8 @@ from typing import Any
 
 import trio
 
-from casd import DEFAULT_LISTEN, DEFAULT_PORT, __version__
+from casd import DEFAULT_LISTEN, __version__
+from casd.address import parse_hostport
 from casd.auth import Scope, TokenTable, parse_token_lines
 from casd.chunking import ChunkerParams
 from casd.errors import CasdError, ConfigError
@@ -69,25 +70,6 @@ class ServeConfig:
     oci_listen: tuple[str, int] | None = None
     oci_cache_bytes: int = 8 * 1024**3
     deltas: bool = True
-
-
-def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``HOST:PORT``, ``HOST`` or ``[v6]:PORT`` into (host, port).
-
-    Raises:
-        ConfigError: not an address.
-    """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or (host.count(":") and not host.startswith("[")):
-        host, port_text = text, str(default_port)
-    host = host.strip("[]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad address {text!r}: expected HOST:PORT") from None
-    if not (0 <= port <= 65535) or not host:
-        raise ConfigError(f"bad address {text!r}: expected HOST:PORT")
-    return host, port
 
 
 def server_tls_context(cert: str, key: str | None) -> ssl.SSLContext:

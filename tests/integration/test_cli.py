@@ -198,6 +198,10 @@ def test_errors_are_one_actionable_line(daemon: Daemon, tmp_path: Path) -> None:
     assert r.code == 1
     assert "cannot connect to casd at 127.0.0.1:1" in r.err
     assert "hint:" in r.err
+    r = casctl("127.0.0.1:1", "sync", daemon.address, "127.0.0.1:1", "x")  # no DST
+    assert r.code == 1
+    assert "cannot connect to casd at 127.0.0.1:1" in r.err
+    assert "hint:" in r.err
 
     r = casctl(daemon, "put", str(tmp_path / "does-not-exist"))
     assert r.code == 1
@@ -214,6 +218,9 @@ def test_token_is_required_when_configured(make_daemon: callable, tmp_path: Path
     assert "token refused" in r.err
     ok(casctl(d, "ls", "--token", "s3cret"))
     ok(casctl(d, "ls", env={"CASD_TOKEN": "s3cret"}))
+    r = casctl(d, "sync", d.address, d.address, "x", "--token", "wrong")
+    assert r.code == 1
+    assert "token refused" in r.err
 
 
 def test_non_loopback_listen_needs_a_token(tmp_path: Path) -> None:

@@ -78,3 +78,11 @@ def test_tls_failures_are_clear(make_daemon: MakeDaemon, tmp_path: Path) -> None
     r = casctl(plain, "ls")
     assert r.code == 1
     assert "connect to tls://HOST:PORT" in r.err
+    # `casctl sync` talks to DST on a blocking socket (casd.blocking): the same errors.
+    r = casctl(a, "sync", a.address, a.address, "x", "--tls-ca", str(other))
+    assert r.code == 1
+    assert "certificate verify failed" in r.err
+    assert "--tls-ca" in r.err
+    r = casctl(plain, "sync", a.address, plain, "x")
+    assert r.code == 1
+    assert "connect to tls://HOST:PORT" in r.err
