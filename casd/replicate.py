@@ -644,6 +644,10 @@ def _recipe_entries(store: Store, digest: str) -> bytes | None:
     return casproto.pack_entries(recipe.ids, recipe.sizes)
 
 
+#: Chunks of the old version whose stored size _chunk_wire looks up, at most (about).
+WIRE_SAMPLE = 1024
+
+
 def _chunk_wire(store: Store, need: list[tuple[bytes, int]], old_digest: str) -> float:
     """About what the chunks in ``need`` would put on the wire: their raw size, times
     how much the old version compresses as this store holds it (chunks go as the
@@ -651,8 +655,12 @@ def _chunk_wire(store: Store, need: list[tuple[bytes, int]], old_digest: str) ->
     last stream's own figure is of other content, tar headers for one)."""
     old = store.get_recipe(old_digest)
     distinct = dict(zip(old.ids, old.sizes, strict=True))
-    raw = sum(distinct.values())
-    ratio = store.stored_bytes(list(distinct)) / raw if raw else 1.0
+    # A sample judges the ratio as well as the whole: every chunk of a 21,800-chunk layer
+    # took 80-110 ms of index lookups here, before the first chunk could be asked for.
+    step = max(1, len(distinct) // WIRE_SAMPLE)
+    sample = list(distinct)[::step]
+    raw = sum(distinct[c] for c in sample)
+    ratio = store.stored_bytes(sample) / raw if raw else 1.0
     return sum(size for _, size in need) * ratio
 
 
