@@ -9,7 +9,6 @@ script or a benchmark runs pays. The protocol is casproto's, as for the trio cli
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,8 +18,8 @@ import casproto
 
 from casd import __version__
 from casd.address import parse_hostport
-from casd.errors import ConfigError, PeerError, PeerGone
-from casd.refusal import refused
+from casd.errors import PeerError, PeerGone
+from casd.refusal import hung_up, refused, tls_context, tls_failed, unreachable
 
 #: Seconds to connect and handshake (as the trio client's CONNECT_TIMEOUT).
 CONNECT_TIMEOUT = 10.0
@@ -72,10 +71,7 @@ class BlockingClient:
         try:
             ev = self._next()
         except PeerGone:
-            err = PeerGone(f"{self._address} closed the connection during the handshake")
-            if not self._address.startswith("tls://"):
-                err.hint = "if the server runs with --tls-cert, connect to tls://HOST:PORT"
-            raise err from None
+            raise hung_up(self._address) from None
         if isinstance(ev, casproto.Error):
             raise refused(ev)
         if not isinstance(ev, casproto.Welcome):
@@ -129,11 +125,9 @@ def connect(
     try:
         sock: Any = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
     except TimeoutError:
-        raise PeerError(f"cannot connect to casd at {address}: timed out") from None
+        raise unreachable(address, None) from None
     except OSError as exc:
-        err = PeerError(f"cannot connect to casd at {address}: {exc.strerror or exc}")
-        err.hint = "is `casd serve` running there? set the address with --server or CASD_SERVER"
-        raise err from exc
+        raise unreachable(address, exc) from exc
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if use_tls:
@@ -147,19 +141,8 @@ def connect(
 
 
 def _tls(sock: socket.socket, host: str, address: str, tls_ca: str | None) -> socket.socket:
-    import ssl
-
-    cafile = tls_ca or os.environ.get("CASD_TLS_CA") or None
-    try:
-        context = ssl.create_default_context(cafile=cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS CA file {cafile}: {exc}") from exc
+    context = tls_context(tls_ca)
     try:
         return context.wrap_socket(sock, server_hostname=host)
-    except (OSError, ssl.SSLError) as exc:
-        err = PeerError(f"TLS with casd at {address} failed: {exc}")
-        err.hint = (
-            "check that the server runs with --tls-cert, and pass its CA with --tls-ca "
-            "or CASD_TLS_CA"
-        )
-        raise err from exc
+    except OSError as exc:  # ssl.SSLError included
+        raise tls_failed(address, exc) from exc

@@ -47,7 +47,7 @@ from casd.errors import (
 from casd.ingest import MAX_CHUNK_SIZE
 from casd.nursery import open_nursery
 from casd.peer import PeerConnection, RequestEnded
-from casd.refusal import refused
+from casd.refusal import hung_up, refused, tls_context, tls_failed, unreachable
 from casd.storage.interface import Recipe
 from casd.tcpinfo import delivery
 
@@ -1312,11 +1312,9 @@ async def open_client(
             if use_tls:
                 stream = await _tls_handshake(stream, host, address, tls_ca)
     except trio.TooSlowError:
-        raise PeerError(f"cannot connect to casd at {address}: timed out") from None
+        raise unreachable(address, None) from None
     except OSError as exc:
-        err = PeerError(f"cannot connect to casd at {address}: {exc.strerror or exc}")
-        err.hint = "is `casd serve` running there? set the address with --server or CASD_SERVER"
-        raise err from exc
+        raise unreachable(address, exc) from exc
     async with open_client_on_stream(stream, address, token=token, compress=compress) as c:
         yield c
 
@@ -1324,24 +1322,12 @@ async def open_client(
 async def _tls_handshake(
     tcp: trio.abc.Stream, host: str, address: str, tls_ca: str | None
 ) -> trio.SSLStream[trio.abc.Stream]:
-    import ssl
-
-    cafile = tls_ca or os.environ.get("CASD_TLS_CA") or None
-    try:
-        context = ssl.create_default_context(cafile=cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS CA file {cafile}: {exc}") from exc
-    stream = trio.SSLStream(tcp, context, server_hostname=host)
+    stream = trio.SSLStream(tcp, tls_context(tls_ca), server_hostname=host)
     try:
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
         await tcp.aclose()
-        err = PeerError(f"TLS with casd at {address} failed: {exc.__cause__ or exc}")
-        err.hint = (
-            "check that the server runs with --tls-cert, and pass its CA with --tls-ca "
-            "or CASD_TLS_CA"
-        )
-        raise err from exc
+        raise tls_failed(address, exc.__cause__ or exc) from exc
     return stream
 
 
@@ -1387,10 +1373,7 @@ async def open_client_on_stream(
         if isinstance(ev, casproto.Error):
             raise refused(ev)
         if not isinstance(ev, casproto.Welcome):
-            err = PeerGone(f"{address} closed the connection during the handshake")
-            if not address.startswith("tls://"):
-                err.hint = "if the server runs with --tls-cert, connect to tls://HOST:PORT"
-            raise err
+            raise hung_up(address)
         client = Client(peer, ev, compress)
         async with open_nursery() as nursery:
             nursery.start_soon(client._read_loop)
