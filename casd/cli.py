@@ -422,6 +422,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 "make them again",
                 file=sys.stderr,
             )
+        if int(report.get("chunk_delta_frames", 0)) or int(report.get("chunk_delta_fallbacks", 0)):
+            print(
+                f"deltas: {human(int(report.get('chunk_delta_raw', 0)))} of missing chunks came "
+                f"as {human(int(report.get('chunk_delta_bytes', 0)))} of frames against their "
+                f"old versions (the source spent "
+                f"{float(report.get('source_chunk_delta_encode_s', 0)):.2f}s of CPU on them)"
+                + (
+                    f"; {report['chunk_delta_fallbacks']} fell back to plain chunks"
+                    if int(report.get("chunk_delta_fallbacks", 0))
+                    else ""
+                ),
+                file=sys.stderr,
+            )
+        if report.get("delta_choice"):
+            print(f"delta choice: {report['delta_choice']}", file=sys.stderr)
         if int(report.get("blobs_as_delta", 0)):
             print(
                 f"whole-blob deltas: {report['blobs_as_delta']} blobs came as "

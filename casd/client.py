@@ -128,6 +128,8 @@ class Client:
         #: Whether this connection asked the server to encode anything (WANT_DELTA, or a
         #: whole-blob delta): only then can its delta counters have moved on our account.
         self.asked_deltas = False
+        #: Operations the server answered UNSUPPORTED (an older casd): not asked again.
+        self.unsupported_ops: set[str] = set()
         self.peer = peer
         self.welcome = welcome
         self.features = frozenset(welcome.features)
@@ -663,10 +665,11 @@ class Client:
         bases: dict[bytes, tuple[bytes, ...]] | None = None,
         read_base: Callable[[tuple[bytes, ...]], bytes] | None = None,
         at: tuple[str, Sequence[int]] | None = None,
+        batch_bytes: int = PULL_BATCH_BYTES,
     ) -> int:
         """Fetch chunks by (id, size), verified, handing them to ``sink`` in order.
 
-        Chunks are asked for in WANT batches of at most PULL_BATCH_BYTES, with at most
+        Chunks are asked for in WANT batches of at most ``batch_bytes``, with at most
         PULL_WINDOW_BATCHES unanswered: throughput does not depend on the round-trip time.
         Each batch is decoded and checked against its ids on two threads while ``sink``
         takes the previous one. Returns the payload bytes that crossed the wire.
@@ -700,7 +703,7 @@ class Client:
         first = 0
         for k, (cid, size) in enumerate(need):
             if cur and (
-                cur_bytes + size > PULL_BATCH_BYTES
+                cur_bytes + size > batch_bytes
                 or len(cur) >= casproto.MAX_BATCH
                 # A WANT_AT bitmap spans at most MAX_BATCH places.
                 or (places is not None and places[k] - places[first] >= casproto.MAX_BATCH)

@@ -38,6 +38,9 @@ class PeerConnection:
         self.ident = ident
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: trio.current_time() of the latest bytes received (a delta choice times the
+        #: link by it: when the last byte came, not when the chunks were taken).
+        self.received_at = 0.0
         self._send_lock = trio.Lock()  # frames of concurrent tasks must not interleave
 
     @property
@@ -115,6 +118,7 @@ class PeerConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise PeerGone(f"connection to {self.ident} broke") from exc
             self.bytes_received += len(data)
+            self.received_at = trio.current_time()
             self.conn.receive_data(data)
 
     async def aclose(self) -> None:

@@ -16,24 +16,26 @@ blob commits only after its sha256 checks out.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import casproto
 import trio
 
-from casd import blobdelta
+from casd import blobdelta, chunkdelta
 from casd.chunking import Chunker, format_digest
 from casd.client import Client, VerifiedChunk
 from casd.errors import (
     BlobMissing,
     CasdError,
+    ChunkCorrupt,
     DigestMismatch,
     NoSpace,
     PeerRefused,
@@ -98,6 +100,14 @@ class SyncReport:
     # Blobs that came as one whole-blob delta (casd.blobdelta), and those deltas' size.
     blobs_as_delta: int = 0
     blob_delta_bytes: int = 0
+    # Missing chunks that came as one frame against the old version (casd.chunkdelta):
+    # frames, their wire bytes and the chunk bytes they carried; the link rate the choice
+    # used (bytes/s, 0: none), and the chunk deltas that failed and came plain instead.
+    chunk_delta_frames: int = 0
+    chunk_delta_bytes: int = 0
+    chunk_delta_raw: int = 0
+    chunk_delta_fallbacks: int = 0
+    delta_choice: str = ""
     # Layers that came as their compressed bytes (no old version to encode against), and
     # the wire bytes they took.
     layers_streamed: int = 0
@@ -147,6 +157,11 @@ class SyncReport:
             "delta_fallbacks": self.delta_fallbacks,
             "blobs_as_delta": self.blobs_as_delta,
             "blob_delta_bytes": self.blob_delta_bytes,
+            "chunk_delta_frames": self.chunk_delta_frames,
+            "chunk_delta_bytes": self.chunk_delta_bytes,
+            "chunk_delta_raw": self.chunk_delta_raw,
+            "chunk_delta_fallbacks": self.chunk_delta_fallbacks,
+            "delta_choice": self.delta_choice,
             "layers_streamed": self.layers_streamed,
             "layer_stream_bytes": self.layer_stream_bytes,
             "layers_whole": self.layers_whole,
@@ -490,6 +505,7 @@ SOURCE_DELTA_STATS = (
     "delta_encode_s",
     "delta_bytes_saved",
     "blob_delta_encode_s",
+    "chunk_delta_encode_s",
 )
 
 
@@ -547,6 +563,7 @@ async def _copy_all(
         if (
             old_digest is not None
             and link is not None
+            and chunkdelta.OP in src.unsupported_ops  # an older source: the whole blob
             and blobdelta.pays(await run(_chunk_wire, store, need, old_digest), recipe.size, link)
         ):
             try:
@@ -560,7 +577,18 @@ async def _copy_all(
                 log.warning("%s: whole-blob delta failed (%s); fetching chunks", digest, exc)
         if not committed:
             await _fetch_as_chunks(
-                src, store, run, name, recipe, need, old_digest, report, progress, wire_before, tee
+                src,
+                store,
+                run,
+                name,
+                recipe,
+                need,
+                old_digest,
+                report,
+                progress,
+                wire_before,
+                tee,
+                link,
             )
         if named and defer_names is not None:
             defer_names.append((name, digest))
@@ -676,10 +704,14 @@ async def _fetch_as_chunks(
     progress: Throttle,
     wire_before: int,
     tee: Callable[[str], Callable[[bytes], None] | None] | None,
+    link: blobdelta.Link | None = None,
 ) -> None:
-    """Fetch the chunks of ``recipe`` this store lacks (``need``), as deltas against the
-    old version ``old_digest`` where the source finds that pays, and check the blob's
-    digest; the caller commits it."""
+    """Fetch the chunks of ``recipe`` this store lacks (``need``), and check the blob's
+    digest; the caller commits it. With an old version ``old_digest`` here, they may
+    come as one frame against it (casd.chunkdelta) where that saves more link time than
+    it costs, ``link`` or a first stretch of plain chunks telling the link's rate; else,
+    and for what such a frame failed to bring, as chunks the source may delta-encode
+    one by one where it finds that pays."""
     digest = recipe.digest
     missing = {cid for cid, _ in need}
     hasher = _OrderedHasher(
@@ -715,32 +747,198 @@ async def _fetch_as_chunks(
         report.bytes_raw_fetched += sum(len(c.data) for c in chunks)
         await progress(_progress(report, name, src, wire_before))
 
-    bases: dict[bytes, tuple[bytes, ...]] = {}
-    if old_digest is not None:
-        # The previous version under this name: the natural base to encode against.
-        old = await run(store.get_recipe, old_digest)
-        bases = await run(choose_bases, recipe, need, old)
-
-    read_base = _BaseReader(store).read
+    async def plain(
+        part: list[tuple[bytes, int]], sink: Any = keep, batch_bytes: int | None = None
+    ) -> None:
+        bases: dict[bytes, tuple[bytes, ...]] = {}
+        if old_digest is not None:
+            # The previous version under this name: the natural base to encode against.
+            old = await run(store.get_recipe, old_digest)
+            bases = await run(choose_bases, recipe, part, old)
+        t0, w0, r0 = trio.current_time(), src.peer.wire_bytes, report.bytes_raw_fetched
+        report.bytes_fetched += await src.fetch_chunks(
+            part,
+            sink,
+            bases=bases or None,
+            read_base=_BaseReader(store).read,
+            at=(digest, _first_places(recipe, part)),
+            **({"batch_bytes": batch_bytes} if batch_bytes else {}),
+        )
+        if (wire := src.peer.wire_bytes - w0) >= MEASURE_STREAM_BYTES:
+            report.stream_wire += wire
+            report.stream_s += trio.current_time() - t0
+            report.stream_raw += report.bytes_raw_fetched - r0
 
     async with open_nursery() as nursery:
         nursery.start_soon(follow)
         async with to_hash:
-            t0, w0, r0 = trio.current_time(), src.peer.wire_bytes, report.bytes_raw_fetched
-            report.bytes_fetched += await src.fetch_chunks(
-                need,
-                keep,
-                bases=bases or None,
-                read_base=read_base,
-                at=(digest, _first_places(recipe, need)),
-            )
-            if (wire := src.peer.wire_bytes - w0) >= MEASURE_STREAM_BYTES:
-                report.stream_wire += wire
-                report.stream_s += trio.current_time() - t0
-                report.stream_raw += report.bytes_raw_fetched - r0
+            rest = need
+            if (
+                old_digest is not None
+                and src.allow_deltas
+                and chunkdelta.OP not in src.unsupported_ops
+            ):
+                rest = await _fetch_as_frame(
+                    src, store, run, recipe, need, old_digest, keep, plain, report, link
+                )
+            if rest:
+                await plain(rest)
     actual = await run(hasher.finish)
     if actual != digest:
         raise DigestMismatch(digest, actual)
+
+
+#: Without a measured link, the chunks a blob lacks start as plain chunks until about this
+#: many wire bytes have crossed: their pace tells whether one frame against the old version
+#: (casd.chunkdelta) pays for the rest. A blob lacking less than this moves plain.
+PROBE_WIRE = 2 * 1024 * 1024
+#: Stretches of chunks the probe may take to see PROBE_WIRE / 2 bytes cross.
+PROBE_ROUNDS = 3
+#: The probe's chunks are asked for in batches of this many bytes: the link is timed from
+#: the first batch taken to the last byte, so there must be several.
+PROBE_BATCH_BYTES = 256 * 1024
+#: Pieces of a chunk-delta frame that may wait for the decoder before the transfer waits.
+FRAME_PIECES_AHEAD = 4
+
+
+@dataclass
+class _Choice:
+    """What a sync chose for a blob's missing chunks, and why (``delta_choice``)."""
+
+    report: SyncReport
+    digest: str
+
+    def say(self, what: str) -> None:
+        r = self.report
+        r.delta_choice = "; ".join(x for x in (r.delta_choice, f"{self.digest[:19]}: {what}") if x)
+
+
+def _rate(first: tuple[float, int] | None, last: tuple[float, int]) -> float | None:
+    """Bytes/s the link delivered, from (time, bytes received) when the first chunks were
+    taken to when the last byte came: the pace once the stream was under way, without
+    the round trip before its first byte. None when nearly everything had come by the
+    time the first chunks were taken: this host, not the link, set the pace."""
+    if first is None:
+        return None
+    (t0, b0), (t1, b1) = first, last
+    if t1 <= t0 or b1 - b0 < PROBE_WIRE // 4:
+        return None
+    return (b1 - b0) / (t1 - t0)
+
+
+async def _fetch_as_frame(
+    src: Client,
+    store: Store,
+    run: Run,
+    recipe: casproto.Recipe,
+    need: list[tuple[bytes, int]],
+    old_digest: str,
+    keep: Callable[[list[VerifiedChunk]], Awaitable[None]],
+    plain: Callable[..., Awaitable[None]],
+    report: SyncReport,
+    link: blobdelta.Link | None,
+) -> list[tuple[bytes, int]]:
+    """Fetch what of ``need`` pays as one frame against the old version ``old_digest``
+    (casd.chunkdelta), handing the chunks to ``keep`` verified; what is left to fetch
+    as plain chunks. Where ``link`` does not say the link's rate, a first stretch of
+    ``need`` comes plain (by ``plain``) and its pace does. A frame that fails leaves
+    what it did not bring to the plain chunks: nothing unverified is kept."""
+    old = await run(store.get_recipe, old_digest)
+    raw = sum(size for _, size in need)
+    if not raw:
+        return need
+    wire_per_raw = await run(_chunk_wire, store, need, old_digest) / raw
+    rest = need
+    rate = link.rate if link is not None else None
+    choice = _Choice(report, recipe.digest)
+    if rate is None:
+        first: list[tuple[float, int]] = []
+
+        async def timed(chunks: list[VerifiedChunk]) -> None:
+            if not first:
+                first.append((trio.current_time(), src.peer.bytes_received))
+            await keep(chunks)
+
+        start = (trio.current_time(), src.peer.wire_bytes)
+        probed_raw = crossed = 0
+        for _ in range(PROBE_ROUNDS):
+            # Chunks judged to take what the probe still lacks; judged again on what the
+            # earlier ones really took (they may come as deltas, or compress better).
+            cut, wire = 0, 0.0
+            while cut < len(rest) and wire < PROBE_WIRE - crossed:
+                wire += rest[cut][1] * wire_per_raw
+                cut += 1
+            if cut >= len(rest):
+                choice.say("plain: too little missing to measure the link by")
+                return rest
+            probe, rest = rest[:cut], rest[cut:]
+            await plain(probe, timed, PROBE_BATCH_BYTES)
+            probed_raw += sum(size for _, size in probe)
+            crossed = src.peer.wire_bytes - start[1]
+            wire_per_raw = crossed / max(1, probed_raw)
+            if crossed >= PROBE_WIRE // 2:
+                break
+        if crossed < PROBE_WIRE // 2:
+            choice.say(f"plain: the first chunks ({crossed} bytes) did not tell the link's rate")
+            return rest
+        rate = _rate(first[0] if first else None, (src.peer.received_at, src.peer.bytes_received))
+        if rate is None:
+            choice.say("plain: the chunks came faster than this host took them")
+            return rest
+    rest_raw = sum(size for _, size in rest)
+    wins = await run(chunkdelta.windows, recipe.ids, recipe.sizes, rest, old.ids, old.sizes)
+    prefix_bytes = sum(w.prefix for w in wins)
+    mbit = f"{rate * 8 / 1e6:.0f} Mbit/s"
+    if not chunkdelta.pays(rest_raw * wire_per_raw, wins, rest_raw, rate):
+        choice.say(
+            f"plain: {len(wins)} frames against {prefix_bytes / 1e6:.1f} MB of the old "
+            f"version cost more than they save at {mbit}"
+        )
+        return rest
+    choice.say(
+        f"{len(wins)} frames against {prefix_bytes / 1e6:.1f} MB of the old version at {mbit}"
+    )
+    kept: set[bytes] = set()
+    token = trio.lowlevel.current_trio_token()
+
+    def prefix_of(ranges: Sequence[tuple[int, int]]) -> bytes:
+        return chunkdelta.read_prefix(store, old, ranges)
+
+    def consume(pieces: Iterator[bytes]) -> None:
+        # In a worker thread: each window's prefix is read while the source reads its own.
+        with contextlib.closing(chunkdelta.decode(pieces, wins, prefix_of, rest)) as batches:
+            for batch in batches:
+                chunks = [
+                    VerifiedChunk(cid, data, casproto.Codec.ZSTD_PREFIX, b"") for cid, data in batch
+                ]
+                trio.from_thread.run(keep, chunks, trio_token=token)
+                kept.update(cid for cid, _ in batch)
+
+    request = chunkdelta.Request(
+        recipe.digest,
+        len(recipe.ids),
+        _first_places(recipe, rest),
+        old_digest,
+        chunkdelta.recipe_sum(old),
+        wins,
+    )
+    src.asked_deltas = True
+    try:
+        made = await stream_to_thread(
+            src, run, chunkdelta.OP, request.as_args(), consume, FRAME_PIECES_AHEAD
+        )
+    except (PeerRefused, UserError, ChunkCorrupt) as exc:
+        if isinstance(exc, PeerRefused) and exc.code_name == "UNSUPPORTED":
+            src.unsupported_ops.add(chunkdelta.OP)
+        report.chunk_delta_fallbacks += 1
+        choice.say(f"failed ({exc}), the rest came plain")
+        log.warning("%s: chunk delta failed (%s); fetching chunks", recipe.digest, exc)
+        return [x for x in rest if x[0] not in kept]
+    report.chunk_delta_frames += 1
+    report.chunk_delta_bytes += int(made.get("size", 0))
+    report.chunk_delta_raw += rest_raw
+    report.bytes_fetched += int(made.get("size", 0))
+    return []
 
 
 async def _copy_as_delta(

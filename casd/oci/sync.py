@@ -58,6 +58,8 @@ def _merge(into: SyncReport, part: SyncReport) -> None:
     for f in fields(SyncReport):
         if f.type in ("int", "float") and f.name not in ("wire_bytes", "started"):
             setattr(into, f.name, getattr(into, f.name) + getattr(part, f.name))
+        elif f.type == "str" and (text := getattr(part, f.name)):
+            setattr(into, f.name, "; ".join(x for x in (getattr(into, f.name), text) if x))
 
 
 def _document(store: Store, digest: str) -> media.Document | None:

@@ -48,7 +48,7 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {}
 
 # Modules whose import registers operations.
-_BUILTIN_MODULES = ("casd.gc", "casd.oci.ops", "casd.blobdelta")
+_BUILTIN_MODULES = ("casd.gc", "casd.oci.ops", "casd.blobdelta", "casd.chunkdelta")
 
 
 def operation(name: str, scope: Scope, summary: str) -> Callable[[Run], Run]:

@@ -144,6 +144,12 @@ class ServerStats:
     blob_delta_bytes: int = 0
     blob_delta_target_bytes: int = 0
     blob_delta_encode_s: float = 0.0
+    # Missing chunks streamed as one frame against a base (chunks.delta): how many
+    # frames, their bytes, the chunk bytes they carried, and the encoding's CPU.
+    chunk_deltas: int = 0
+    chunk_delta_bytes: int = 0
+    chunk_delta_raw_bytes: int = 0
+    chunk_delta_encode_s: float = 0.0
     # Layers streamed as their compressed bytes (oci.layer: a sync with no old version).
     layers_streamed: int = 0
     layer_stream_bytes: int = 0
@@ -561,6 +567,10 @@ class Session:
             "blob_delta_bytes": s.blob_delta_bytes,
             "blob_delta_target_bytes": s.blob_delta_target_bytes,
             "blob_delta_encode_s": round(s.blob_delta_encode_s, 4),
+            "chunk_deltas": s.chunk_deltas,
+            "chunk_delta_bytes": s.chunk_delta_bytes,
+            "chunk_delta_raw_bytes": s.chunk_delta_raw_bytes,
+            "chunk_delta_encode_s": round(s.chunk_delta_encode_s, 4),
             "layers_streamed": s.layers_streamed,
             "layer_stream_bytes": s.layer_stream_bytes,
             # The most this host's kernel saw the asking host's connections deliver

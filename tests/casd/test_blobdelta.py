@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from casd import blobdelta
+from casd import blobdelta, chunkdelta
 from casd.blobdelta import Link
 from casd.chunking import Chunker, format_digest
 from casd.errors import DigestMismatch
@@ -154,6 +154,7 @@ async def test_a_sync_over_a_slow_link_moves_a_whole_blob_delta() -> None:
         await sync_into_store(c, dst, run, [("blob", digest_of(old))])
     store_blob(src, new, "blob")
     async with client_for(src) as c:
+        c.unsupported_ops.add(chunkdelta.OP)  # an older source: whole blobs
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
         stats = await c.stats()  # the source counts what it streamed
     assert report.blobs_as_delta == 1
@@ -172,6 +173,7 @@ async def test_when_the_source_lacks_the_base_the_sync_falls_back_to_chunks() ->
     store_blob(dst, old, "blob")  # the receiver's old version, which the source never had
     store_blob(src, new, "blob")
     async with client_for(src) as c:
+        c.unsupported_ops.add(chunkdelta.OP)  # an older source: whole blobs
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
     assert report.blobs_as_delta == 0
     assert report.chunks_fetched > 0
@@ -206,6 +208,7 @@ async def test_a_long_stream_is_paced_by_the_rebuild(monkeypatch: pytest.MonkeyP
     old, new = versions()
     src, dst = next_version_on_source(old, new)
     async with client_for(src) as c:
+        c.unsupported_ops.add(chunkdelta.OP)  # an older source: whole blobs
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
     assert report.blobs_as_delta == 1
     assert read_blob(dst, dst.resolve("blob")) == new
@@ -224,6 +227,7 @@ async def test_a_rebuild_that_fails_midway_falls_back_to_chunks(
     old, new = versions()
     src, dst = next_version_on_source(old, new)
     async with client_for(src) as c:
+        c.unsupported_ops.add(chunkdelta.OP)  # an older source: whole blobs
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))], link=Link(1e5, 0.5))
         assert await c.stat("blob")  # the connection still serves after the abandoned stream
     assert report.blobs_as_delta == 0
