@@ -634,6 +634,22 @@ def verdicts(steps: list[Step], share: dict[str, dict[str, Any]]) -> list[str]:
             f"steps: casd / zstd --long prefix encoding: median "
             f"{statistics.median(prefix):.2f}, worst {max(prefix):.2f} (target <= 1.3)"
         )
+    for link in sorted({st.link for st in steps}, key=lambda x: list(LINKS).index(x)):
+        per = [
+            (st, st.casd.wire / share[k]["zstd_prefix"])
+            for st in steps
+            if st.link == link
+            and not st.step.startswith("cold")
+            and (k := f"{st.series}:{st.step}") in share
+            and share[k].get("zstd_prefix")
+        ]
+        if per:
+            framed = sum(1 for st, _ in per if st.sync_report.get("chunk_delta_frames"))
+            out.append(
+                f"{link}: casd / prefix median {statistics.median(r for _, r in per):.2f}, "
+                f"worst {max(r for _, r in per):.2f}; {sum(1 for _, r in per if r <= 1.3)} of "
+                f"{len(per)} steps within 1.3x; missing chunks sent as frames on {framed}"
+            )
     nd = [st for st in steps if st.casd_chunks_only and not st.step.startswith("cold")]
     for link in sorted({st.link for st in nd}):
         rs = [
@@ -641,9 +657,20 @@ def verdicts(steps: list[Step], share: dict[str, dict[str, Any]]) -> list[str]:
             for st in nd
             if st.link == link
         ]
+        saving = [
+            st
+            for st in nd
+            if st.link == link and st.casd.wire < 0.95 * st.casd_chunks_only.wire  # type: ignore[union-attr]
+        ]
+        faster = sum(
+            1
+            for st in saving
+            if st.casd.seconds < st.casd_chunks_only.seconds  # type: ignore[union-attr]
+        )
         out.append(
             f"{link}: delta allowed / chunks only, time: worst {max(rs):.2f}, "
-            f"median {statistics.median(rs):.2f}"
+            f"median {statistics.median(rs):.2f}; faster on {faster} of the {len(saving)} "
+            "steps where deltas saved >= 5% of the bytes"
         )
     return out
 
