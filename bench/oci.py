@@ -657,16 +657,9 @@ def verdicts(steps: list[Step], share: dict[str, dict[str, Any]]) -> list[str]:
             for st in nd
             if st.link == link
         ]
-        saving = [
-            st
-            for st in nd
-            if st.link == link and st.casd.wire < 0.95 * st.casd_chunks_only.wire  # type: ignore[union-attr]
-        ]
-        faster = sum(
-            1
-            for st in saving
-            if st.casd.seconds < st.casd_chunks_only.seconds  # type: ignore[union-attr]
-        )
+        pairs = [(st, st.casd_chunks_only) for st in nd if st.link == link]
+        saving = [(a, b) for a, b in pairs if b is not None and a.casd.wire < 0.95 * b.wire]
+        faster = len([a for a, b in saving if a.casd.seconds < b.seconds])
         out.append(
             f"{link}: delta allowed / chunks only, time: worst {max(rs):.2f}, "
             f"median {statistics.median(rs):.2f}; faster on {faster} of the {len(saving)} "
