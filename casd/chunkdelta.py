@@ -249,6 +249,14 @@ def read_prefix(store: Store, base: Recipe, ranges: Sequence[tuple[int, int]]) -
     return b"".join(store.get_chunks(ids))
 
 
+#: zstd takes no dictionary shorter than this: a shorter prefix is no prefix, at both ends.
+MIN_PREFIX = 8
+
+
+def _as_prefix(prefix: bytes) -> Any:
+    return ZstdDict(prefix, is_raw=True).as_prefix if len(prefix) >= MIN_PREFIX else None
+
+
 def _window_log(prefix: int, target: int) -> int:
     need = max(prefix + target, 1).bit_length()
     if need > MAX_WINDOW_LOG:
@@ -430,7 +438,7 @@ class Encoder:
                 CompressionParameter.window_log: _window_log(len(prefix), raw),
                 CompressionParameter.enable_long_distance_matching: 1,
             },
-            zstd_dict=ZstdDict(prefix, is_raw=True).as_prefix if prefix else None,
+            zstd_dict=_as_prefix(prefix),
         )
         comp.set_pledged_input_size(raw)
         return comp
@@ -568,7 +576,7 @@ def _decode(
         total = sum(sizes)
         prefix = ahead.next()
         dec = ZstdDecompressor(
-            zstd_dict=ZstdDict(prefix, is_raw=True).as_prefix if prefix else None,
+            zstd_dict=_as_prefix(prefix),
             options={DecompressionParameter.window_log_max: MAX_WINDOW_LOG},
         )
         buf = bytearray()

@@ -581,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pointing at the same digests, every chunk verified on arrival. Only chunks DST lacks "
         "move. By default DST pulls from SRC directly (the data does not pass through this "
         "machine); --via-client relays through casctl for when DST cannot reach SRC. "
+        "Where DST holds an older version under the same name (for an image, the same "
+        "layer of its previous version) and the link is slow enough for it to pay, the "
+        "chunks it lacks come as zstd frames against that version's bytes; the report says "
+        "what was chosen and why (`delta choice`). "
         "Interrupted syncs resume: a re-run moves only what is still missing.",
     )
     s.add_argument("src", metavar="SRC", help="source server, HOST:PORT")

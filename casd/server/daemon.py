@@ -335,9 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-delta",
         action="store_true",
         help="when syncing from another server, ask for chunks only, never deltas against "
-        "what is held here (to compare; by default the source serves chunk deltas where "
-        "the link time they save exceeds their CPU, and over a link measured as slow a "
-        "blob may come as one whole-blob delta)",
+        "what is held here (to compare; by default, where a blob's old version is here, "
+        "the first chunks measure the link and, where that pays, the rest come as zstd "
+        "frames against the old version's bytes around them; the source may also send "
+        "single chunks as deltas where the link time they save exceeds their CPU)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     f = sub.add_parser(

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 from casproto import Codec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from casd import chunkdelta
 from casd.blobdelta import Link
@@ -342,3 +344,61 @@ def test_the_link_is_timed_from_the_first_chunks_taken_to_the_last_byte() -> Non
     # pace, and the figure would be its own, not the link's.
     assert _rate((10.0, 2_000_000), (12.0, 2_000_000 + PROBE_WIRE // 8)) is None
     assert _rate(None, (12.0, 2_000_000)) is None
+
+
+# --- properties ---------------------------------------------------------------------------
+
+
+@st.composite
+def version_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """An old version and a new one made from it by edits, moves, insertions and cuts."""
+    rnd = random.Random(draw(st.integers(0, 2**32 - 1)))
+    old = rnd.randbytes(draw(st.integers(0, 600_000)))
+    new = bytearray(old)
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["edit", "insert", "cut", "move"]))
+        at = rnd.randrange(len(new) + 1)
+        n = rnd.randrange(1, 70_000)
+        if kind == "edit":
+            new[at : at + 16] = rnd.randbytes(16)
+        elif kind == "insert":
+            new[at:at] = rnd.randbytes(n)
+        elif kind == "cut":
+            del new[at : at + n]
+        else:
+            piece = bytes(new[at : at + n])
+            del new[at : at + n]
+            to = rnd.randrange(len(new) + 1)
+            new[to:to] = piece
+    return old, bytes(new)
+
+
+@given(version_pairs(), st.sampled_from([64 * 1024, 200_000, 32 * 1024 * 1024]))
+def test_any_new_version_comes_whole_and_verified_from_its_frames(
+    pair: tuple[bytes, bytes], limit: int
+) -> None:
+    old, new = pair
+    src = MemoryStore()
+    o = src.get_recipe(store_blob(src, old).digest)
+    n = src.get_recipe(store_blob(src, new).digest)
+    need = missing(n, o)
+    wins = chunkdelta.windows(n.ids, n.sizes, need, o.ids, o.sizes, limit=limit)
+    assert sum(w.count for w in wins) == len(need)
+    for w in wins:
+        assert w.count > 0
+        assert all(0 <= lo < hi <= len(o.ids) for lo, hi in w.ranges)
+        assert all(a[1] < b[0] for a, b in zip(w.ranges, w.ranges[1:], strict=False))
+        assert w.prefix == sum(sum(o.sizes[lo:hi]) for lo, hi in w.ranges)
+    if not need:
+        return
+    places = [n.ids.index(cid) for cid, _ in need]
+    req = chunkdelta.Request(n.digest, len(n.ids), places, o.digest, chunkdelta.recipe_sum(o), wins)
+    enc = chunkdelta.Encoder(src, *chunkdelta.parse_args(req.as_args()))
+    pieces = list(iter(enc.step, None))
+
+    def prefix_of(ranges: Any) -> bytes:
+        return chunkdelta.read_prefix(src, o, ranges)
+
+    got = [c for b in chunkdelta.decode(iter(pieces), wins, prefix_of, need) for c in b]
+    assert [cid for cid, _ in got] == [cid for cid, _ in need]
+    assert all(chunk_id(data) == cid for cid, data in got)
