@@ -792,6 +792,8 @@ async def _fetch_as_chunks(
 #: many wire bytes have crossed: their pace tells whether one frame against the old version
 #: (casd.chunkdelta) pays for the rest. A blob lacking less than this moves plain.
 PROBE_WIRE = 2 * 1024 * 1024
+#: Chunks judged to take fewer wire bytes than this come plain without a probe.
+PROBE_MIN_WIRE = 4 * PROBE_WIRE
 #: Stretches of chunks the probe may take to see PROBE_WIRE / 2 bytes cross.
 PROBE_ROUNDS = 3
 #: The probe's chunks are asked for in batches of this many bytes: the link is timed from
@@ -851,6 +853,11 @@ async def _fetch_as_frame(
     rest = need
     rate = link.rate if link is not None else None
     choice = _Choice(report, recipe.digest)
+    if rate is None and raw * wire_per_raw < PROBE_MIN_WIRE:
+        # Probing costs round trips, which over a fast link a small transfer does not win
+        # back; and what frames could save of it is little over any link.
+        choice.say("plain: too little missing to measure the link by")
+        return need
     if rate is None:
         first: list[tuple[float, int]] = []
 
@@ -869,7 +876,10 @@ async def _fetch_as_frame(
                 wire += rest[cut][1] * wire_per_raw
                 cut += 1
             if cut >= len(rest):
-                choice.say("plain: too little missing to measure the link by")
+                choice.say(
+                    f"plain: the first chunks took {crossed} bytes, far fewer than judged, "
+                    "and the rest is too little to measure the link by"
+                )
                 return rest
             probe, rest = rest[:cut], rest[cut:]
             await plain(probe, timed, PROBE_BATCH_BYTES)

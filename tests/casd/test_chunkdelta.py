@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from casproto import Codec
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from casd import chunkdelta
@@ -242,12 +242,23 @@ async def test_a_sync_over_a_slow_link_moves_the_missing_chunks_as_frames() -> N
 async def test_with_the_link_unknown_the_first_chunks_measure_it() -> None:
     # Over an in-memory stream the first chunks cross in no time (or all before the first
     # is taken, telling no rate): frames cannot pay.
-    old, new = versions(8_000_000)
+    old, new = versions(12_000_000)
     src, dst = next_version_on_source(old, new)
     async with client_for(src) as c:
         report = await sync_into_store(c, dst, run, [("blob", digest_of(new))])
     assert report.chunk_delta_frames == 0
     assert "plain:" in report.delta_choice
+    assert "too little missing" not in report.delta_choice  # it probed
+    assert read_blob(dst, dst.resolve("blob")) == new
+
+
+async def test_a_small_change_comes_plain_without_probing_the_link() -> None:
+    old, new = versions(2_000_000)  # about 2 MB of chunks to fetch: frames could save little
+    src, dst = next_version_on_source(old, new)
+    async with client_for(src) as c:
+        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))])
+    assert report.chunk_delta_frames == 0
+    assert "too little missing" in report.delta_choice
     assert read_blob(dst, dst.resolve("blob")) == new
 
 
