@@ -22,11 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import trio
-
 from casd.auth import Scope
 from casd.errors import DigestMismatch, UserError
-from casd.nursery import open_nursery
 from casd.oci.layers import BlobWriter, IterReader, iter_blob
 from casd.server import ops
 from casd.storage.interface import Store
@@ -236,38 +233,17 @@ async def _delta(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.Do
     # next ones are encoded (two in hand at most).
     target, base = ops.arg_str(args, "target"), ops.arg_str(args, "base")
     started = time.monotonic()
+    clock = ops.ThreadClock()
     enc: Encoder = await ctx.run(Encoder, ctx.store, target, base)
-    pieces_in, pieces_out = trio.open_memory_channel[bytes](2)
-    sent = 0
-
-    cpu = [0.0]
-
-    def step() -> bytes | None:
-        c0 = time.thread_time()
-        try:
-            return enc.step()
-        finally:
-            cpu[0] += time.thread_time() - c0
-
-    async def produce() -> None:
-        async with pieces_in:
-            while (piece := await ctx.run(step)) is not None:
-                if piece:
-                    await pieces_in.send(piece)
-
-    async with open_nursery() as nursery, pieces_out:
-        nursery.start_soon(produce)
-        async for piece in pieces_out:
-            await progress.data(piece)
-            sent += len(piece)
+    sent = await ops.stream_steps(ctx.run, enc.step, progress, clock)
     stats = ctx.stats
     stats.blob_deltas += 1
     stats.blob_delta_bytes += sent
     stats.blob_delta_target_bytes += enc.target_size
-    stats.blob_delta_encode_s += cpu[0]
+    stats.blob_delta_encode_s += clock.seconds
     return {
         "size": sent,
         "target_size": enc.target_size,
         "seconds": round(time.monotonic() - started, 4),
-        "encode_cpu_s": round(cpu[0], 4),
+        "encode_cpu_s": round(clock.seconds, 4),
     }

@@ -48,7 +48,6 @@ import xxhash
 from casd.auth import Scope
 from casd.chunking import chunk_id
 from casd.errors import ChunkCorrupt, UserError
-from casd.nursery import open_nursery
 from casd.server import ops
 from casd.storage.interface import Recipe, Store
 from casd.zstd import (
@@ -486,49 +485,28 @@ async def _chunks_delta(ctx: Any, args: ops.Document, progress: ops.Progress) ->
     # ones are made (two in hand at most).
     target, at, base, base_sum, wins = parse_args(args)
     started = time.monotonic()
-    cpu = [0.0]
-
-    def timed(fn: Callable[[], Any]) -> Any:
-        c0 = time.thread_time()
-        try:
-            return fn()
-        finally:
-            cpu[0] += time.thread_time() - c0
-
+    clock = ops.ThreadClock()
     enc: Encoder = await ctx.run(
-        timed, lambda: Encoder(ctx.store, target, at, base, base_sum, wins)
+        clock, lambda: Encoder(ctx.store, target, at, base, base_sum, wins)
     )
-    pieces_in, pieces_out = trio.open_memory_channel[bytes](2)
-    sent = 0
-
-    async def produce() -> None:
-        async with pieces_in:
-            while (piece := await ctx.run(timed, enc.step)) is not None:
-                if piece:
-                    await pieces_in.send(piece)
-
     try:
-        async with open_nursery() as nursery, pieces_out:
-            nursery.start_soon(produce)
-            async for piece in pieces_out:
-                await progress.data(piece)
-                sent += len(piece)
+        sent = await ops.stream_steps(ctx.run, enc.step, progress, clock)
     finally:
         with trio.CancelScope(shield=True):
             await ctx.run(enc.close)
-    cpu[0] += enc.read_cpu_s
+    cpu = clock.seconds + enc.read_cpu_s  # the prefixes are read in a thread of their own
     stats = ctx.stats
     stats.chunk_deltas += 1
     stats.chunk_delta_bytes += sent
     stats.chunk_delta_raw_bytes += enc.raw
-    stats.chunk_delta_encode_s += cpu[0]
+    stats.chunk_delta_encode_s += cpu
     return {
         "size": sent,
         "raw": enc.raw,
         "chunks": len(enc.ids),
         "prefix": enc.prefix_bytes,
         "seconds": round(time.monotonic() - started, 4),
-        "encode_cpu_s": round(cpu[0], 4),
+        "encode_cpu_s": round(cpu, 4),
     }
 
 

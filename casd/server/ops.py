@@ -9,12 +9,16 @@ The table, not the session code, says which scope each operation needs.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import trio
+
 from casd.auth import Scope
 from casd.errors import UserError
+from casd.nursery import open_nursery
 
 if TYPE_CHECKING:
     from casd.server.service import ServerContext
@@ -110,3 +114,47 @@ def arg_number(args: Document, key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"argument {key!r} must be a number")
     return float(value)
+
+
+# --- streaming operations -------------------------------------------------------------
+
+
+class ThreadClock:
+    """The thread CPU seconds of the calls made through it (an operation's work in worker
+    threads, so waiting for the GIL or a busy core does not count)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        c0 = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.thread_time() - c0
+
+
+async def stream_steps(
+    run: Callable[..., Awaitable[Any]],
+    step: Callable[[], bytes | None],
+    progress: Progress,
+    clock: ThreadClock,
+) -> int:
+    """Call ``step`` (through ``run``, timed by ``clock``) until it returns None, sending
+    each piece it makes as CALL_DATA while the next one is made (two in hand at most);
+    the bytes sent."""
+    pieces_in, pieces_out = trio.open_memory_channel[bytes](2)
+    sent = 0
+
+    async def produce() -> None:
+        async with pieces_in:
+            while (piece := await run(clock, step)) is not None:
+                if piece:
+                    await pieces_in.send(piece)
+
+    async with open_nursery() as nursery, pieces_out:
+        nursery.start_soon(produce)
+        async for piece in pieces_out:
+            await progress.data(piece)
+            sent += len(piece)
+    return sent

@@ -44,9 +44,11 @@ def missing(new: Any, old: Any) -> list[tuple[bytes, int]]:
     return out
 
 
-def frames_for(
+def request_for(
     old: bytes, new: bytes, limit: int | None = None
-) -> tuple[MemoryStore, Any, Any, list[tuple[bytes, int]], list[chunkdelta.Window], list[bytes]]:
+) -> tuple[MemoryStore, Any, Any, list[tuple[bytes, int]], list[chunkdelta.Window], dict[str, Any]]:
+    """A source holding both versions, their recipes, what a receiver holding ``old``
+    lacks, its windows, and the arguments of the chunks.delta that asks for it."""
     src = MemoryStore()
     o = src.get_recipe(store_blob(src, old).digest)
     n = src.get_recipe(store_blob(src, new).digest)
@@ -54,7 +56,13 @@ def frames_for(
     wins = chunkdelta.windows(n.ids, n.sizes, need, o.ids, o.sizes, limit=limit)
     places = [n.ids.index(cid) for cid, _ in need]
     req = chunkdelta.Request(n.digest, len(n.ids), places, o.digest, chunkdelta.recipe_sum(o), wins)
-    args = req.as_args()
+    return src, o, n, need, wins, req.as_args()
+
+
+def frames_for(
+    old: bytes, new: bytes, limit: int | None = None
+) -> tuple[MemoryStore, Any, Any, list[tuple[bytes, int]], list[chunkdelta.Window], list[bytes]]:
+    src, o, n, need, wins, args = request_for(old, new, limit)
     enc = chunkdelta.Encoder(src, *chunkdelta.parse_args(args))
     return src, o, n, need, wins, list(iter(enc.step, None))
 
@@ -172,16 +180,9 @@ def test_a_bad_frame_or_base_is_refused_before_any_chunk_of_it_is_taken(damage: 
 
 
 def test_a_source_that_cut_the_base_otherwise_refuses() -> None:
-    old, new = versions(300_000)
-    src = MemoryStore()
-    o = src.get_recipe(store_blob(src, old).digest)
-    n = src.get_recipe(store_blob(src, new).digest)
-    need = missing(n, o)
-    wins = chunkdelta.windows(n.ids, n.sizes, need, o.ids, o.sizes)
-    places = [n.ids.index(cid) for cid, _ in need]
-    req = chunkdelta.Request(n.digest, len(n.ids), places, o.digest, 12345, wins)
+    src, *_, args = request_for(*versions(300_000))
     with pytest.raises(chunkdelta.DeltaRefused, match="cut differently"):
-        chunkdelta.Encoder(src, *chunkdelta.parse_args(req.as_args()))
+        chunkdelta.Encoder(src, *chunkdelta.parse_args({**args, "base_sum": 12345}))
 
 
 @pytest.mark.parametrize(
@@ -196,16 +197,7 @@ def test_a_source_that_cut_the_base_otherwise_refuses() -> None:
     ],
 )
 def test_malformed_requests_get_an_error_naming_the_argument(args: dict[str, Any]) -> None:
-    old, new = versions(300_000)
-    src = MemoryStore()
-    o = src.get_recipe(store_blob(src, old).digest)
-    n = src.get_recipe(store_blob(src, new).digest)
-    need = missing(n, o)
-    wins = chunkdelta.windows(n.ids, n.sizes, need, o.ids, o.sizes)
-    places = [n.ids.index(cid) for cid, _ in need]
-    good = chunkdelta.Request(
-        n.digest, len(n.ids), places, o.digest, chunkdelta.recipe_sum(o), wins
-    ).as_args()
+    src, *_, good = request_for(*versions(300_000))
     with pytest.raises((chunkdelta.DeltaRefused, ops.UserError)):
         chunkdelta.Encoder(src, *chunkdelta.parse_args({**good, **args}))
 
@@ -388,12 +380,7 @@ def version_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
 def test_any_new_version_comes_whole_and_verified_from_its_frames(
     pair: tuple[bytes, bytes], limit: int
 ) -> None:
-    old, new = pair
-    src = MemoryStore()
-    o = src.get_recipe(store_blob(src, old).digest)
-    n = src.get_recipe(store_blob(src, new).digest)
-    need = missing(n, o)
-    wins = chunkdelta.windows(n.ids, n.sizes, need, o.ids, o.sizes, limit=limit)
+    src, o, _n, need, wins, args = request_for(*pair, limit=limit)
     assert sum(w.count for w in wins) == len(need)
     for w in wins:
         assert w.count > 0
@@ -402,9 +389,7 @@ def test_any_new_version_comes_whole_and_verified_from_its_frames(
         assert w.prefix == sum(sum(o.sizes[lo:hi]) for lo, hi in w.ranges)
     if not need:
         return
-    places = [n.ids.index(cid) for cid, _ in need]
-    req = chunkdelta.Request(n.digest, len(n.ids), places, o.digest, chunkdelta.recipe_sum(o), wins)
-    enc = chunkdelta.Encoder(src, *chunkdelta.parse_args(req.as_args()))
+    enc = chunkdelta.Encoder(src, *chunkdelta.parse_args(args))
     pieces = list(iter(enc.step, None))
 
     def prefix_of(ranges: Any) -> bytes:
