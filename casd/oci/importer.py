@@ -231,8 +231,9 @@ def _find_gzip_encoding(spool: str) -> tuple[dict[str, Any] | None, str]:
 
 def _members_params(spool: str) -> Any:
     """The :class:`~casd.oci.members.MembersParams` that make the first gzip member of
-    the layer, if casd's member header starts it and a libdeflate level reproduces the
-    member exactly; else None. The whole layer is checked later, as it is stored."""
+    the layer, if casd's member header starts it and a level of one of this host's
+    deflaters reproduces the member exactly; else None. The whole layer is checked later,
+    as it is stored."""
     from casd.oci import members
 
     limit = 64 * 1024 * 1024  # the largest segment MembersParams allows
@@ -264,11 +265,14 @@ def _members_params(spool: str) -> Any:
         return None
     size = len(segment) if more else max(len(segment), members.SEGMENT)
     # Likeliest first: convert's default, then the levels a user would pick.
-    for level in (1, 6, 3, 9, 2, 4, 5, 7, 8, 10, 11, 12):
-        if members.member(segment, level) == original:
+    tries = [(members.LIB_ISAL, level) for level in (2, 1, 3, 0)] + [
+        (members.LIB_DEFLATE, level) for level in (1, 6, 3, 9, 2, 4, 5, 7, 8, 10, 11, 12)
+    ]
+    for lib, level in tries:
+        if members.member(segment, level, lib) == original:
             try:
                 return members.MembersParams.from_dict(
-                    {"level": level, "segment": size, "lib": members.LIB}
+                    {"level": level, "segment": size, "lib": lib}
                 )
             except LayerFormatError:
                 return None

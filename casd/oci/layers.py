@@ -330,13 +330,16 @@ def make_encoder(encoding: dict[str, Any] | None, digest: str = "") -> Any:
 
 def can_reencode_here(record: LayerRecord) -> bool:
     """Whether this host has what re-encoding ``record``'s layer takes (a layer Go's
-    pgzip made needs the ``casd-gogzip`` helper); whether the bytes come out the same
-    is another question, answered by their digest."""
-    from casd.oci import gogzip
+    pgzip made needs the ``casd-gogzip`` helper, converted members their deflater);
+    whether the bytes come out the same is another question, answered by their digest."""
+    from casd.oci import gogzip, members
 
     if not record.reencodable or record.raw is not None:
         return False
-    return (record.encoding or {}).get("codec") != gogzip.CODEC or gogzip.helper() is not None
+    enc = record.encoding or {}
+    if enc.get("codec") == members.CODEC:
+        return members.makes_here(str(enc.get("lib", "")))
+    return enc.get("codec") != gogzip.CODEC or gogzip.helper() is not None
 
 
 def encode_layer(store: Store, record: LayerRecord) -> Iterator[bytes]:

@@ -173,12 +173,14 @@ async def _inspect(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.
 # --- convert -------------------------------------------------------------------------
 
 #: What `oci convert` re-compresses with by default: gzip members of 1 MiB of tar each,
-#: libdeflate level 1 (casd.oci.members). Every casd host that serves a converted layer
-#: re-encodes it once, so its speed is what a receiver pays; measured here on a 153 MB tar
-#: of site-packages: level 1 174 MB/s per core for 59.2 MB, level 3 102 MB/s for 56.4 MB,
-#: level 6 58 MB/s for 54.7 MB (zlib level 6 as one stream: 21 MB/s, 55.3 MB). Plain
-#: registry clients of the converted image pay the size; `--level` picks.
-CONVERT_LEVEL = 1
+#: deflated by ISA-L at level 2 (casd.oci.members). Every casd host that syncs a converted
+#: layer deflates it again in full, so its speed is what each receiver pays, on every sync;
+#: measured here on 1 MiB segments of a 153 MB tar of site-packages, one core: ISA-L level 2
+#: 575 MB/s for 0.403 of the tar, libdeflate level 1 227 MB/s for 0.387, level 6 58 MB/s
+#: (zlib level 6 as one stream: 21 MB/s, 0.36). Plain registry clients of the converted
+#: image pay the size; `--lib` and `--level` pick.
+CONVERT_LIB = "isal"
+CONVERT_LEVELS = {"isal": 2, "libdeflate": 1}
 
 
 def ensure_uncompressed(store: Store, chunker: Chunker, rec: LayerRecord) -> None:
@@ -210,6 +212,7 @@ def _convert_layer(
     layer: media.Descriptor,
     oci: bool,
     level: int,
+    lib: str,
 ) -> media.Descriptor:
 
     from casd.oci import members
@@ -227,14 +230,18 @@ def _convert_layer(
         raise LayerError(f"layer {layer.digest} has no record: re-import the image first")
     mt = media.OCI_LAYER_GZIP if oci else media.DOCKER_LAYER_GZIP
 
-    memo_key = f"{members.CODEC}-{level}"
+    # libdeflate's key is the one records written before ISA-L came have.
+    memo_key = (
+        f"{members.CODEC}-{level}" if lib == "libdeflate" else f"{members.CODEC}-{lib}-{level}"
+    )
     done = (rec.converted or {}).get(memo_key)
     if done is not None:
         prior = read_record(store, done)
         if prior is not None and store.has_blob(prior.uncompressed):
             return media.Descriptor(mt, prior.digest, prior.size)
     ensure_uncompressed(store, chunker, rec)
-    encoding = {"codec": members.CODEC, **members.MembersParams(level).to_dict()}
+    params = members.MembersParams(level, lib=members.LIBS[lib])
+    encoding = {"codec": members.CODEC, **params.to_dict()}
     draft = LayerRecord("", 0, "", rec.uncompressed, rec.uncompressed_size, encoding=encoding)
     # One encoding: hashed for the digest, and written to the cache as it goes.
     sha = hashlib.sha256()
@@ -268,11 +275,23 @@ def _convert_layer(
 
 
 def convert_image(
-    store: Store, cache: LayerCache | None, name: str, new_name: str, level: int = CONVERT_LEVEL
+    store: Store,
+    cache: LayerCache | None,
+    name: str,
+    new_name: str,
+    level: int | None = None,
+    lib: str = CONVERT_LIB,
 ) -> dict[str, Any]:
+    from casd.oci import members
+
     check_name(new_name)
-    if not 1 <= level <= 12:
-        raise UserError(f"--level must be 1..12 (libdeflate's levels), not {level}")
+    if lib not in members.LIBS:
+        raise UserError(f"--lib must be one of {', '.join(members.LIBS)}, not {lib!r}")
+    if level is None:
+        level = CONVERT_LEVELS[lib]
+    levels = members.LEVELS[members.family(members.LIBS[lib])]
+    if level not in levels:
+        raise UserError(f"--level must be {levels.start}..{levels.stop - 1} for {lib}, not {level}")
     chunker = Chunker()
     digest, doc = _image(store, name)
     converted: dict[str, tuple[str, int]] = {}  # old manifest digest -> new (digest, size)
@@ -282,7 +301,7 @@ def convert_image(
         oci = mdoc.media_type == media.OCI_MANIFEST
         new_layers = []
         for entry, desc in zip(raw["layers"], mdoc.layers, strict=True):
-            new = _convert_layer(store, chunker, cache, desc, oci, level)
+            new = _convert_layer(store, chunker, cache, desc, oci, level, lib)
             if new.digest != desc.digest:
                 layers_changed += 1
                 entry = {
@@ -322,7 +341,8 @@ async def _convert(ctx: Any, args: ops.Document, progress: ops.Progress) -> ops.
             ctx.oci_cache,
             ops.arg_str(args, "name"),
             ops.arg_str(args, "new_name"),
-            int(ops.arg_number(args, "level", CONVERT_LEVEL)),
+            None if args.get("level") is None else int(ops.arg_number(args, "level", 0)),
+            ops.arg_str(args, "lib", CONVERT_LIB),
         )
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from casd.chunking import Chunker, format_digest
+from casd.errors import UserError
 from casd.oci import media, members
 from casd.oci.importer import ImportError_, ingest_layer, layer_present
 from casd.oci.layers import (
@@ -322,20 +323,48 @@ def test_convert_makes_raw_layers_re_encodable_and_keeps_the_config(
     # original's record remembers what it became.
     memo = read_record(store, sha(raw_layer))
     assert memo is not None
-    assert memo.converted == {"gzip-members-1": new_layer}
+    assert memo.converted == {"gzip-members-isal-2": new_layer}
+    assert rec.encoding is not None
+    assert rec.encoding["lib"] == members.LIB_ISAL
     assert convert_image(store, None, "app:v1", "app:v1-again")["digest"] == result["digest"]
     # Converting again changes nothing.
     assert convert_image(store, None, "app:v1-casd", "app:again")["layers_converted"] == 0
+    # libdeflate, asked for, makes other bytes of the same tar; both are remembered (the
+    # key of libdeflate level 1 is the one records written before ISA-L came have).
+    other = convert_image(store, None, "app:v1", "app:v1-deflate", lib="libdeflate")
+    layer2 = inspect_image(store, "app:v1-deflate")["manifests"][0]["layers"][0]["digest"]
+    assert other["digest"] != result["digest"]
+    assert layer2 != new_layer
+    rec2 = read_record(store, layer2)
+    assert rec2 is not None
+    assert rec2.encoding is not None
+    assert rec2.encoding["lib"] == members.LIB_DEFLATE
+    assert gzip.decompress(b"".join(encode_layer(store, rec2))) == tar_bytes
+    memo = read_record(store, sha(raw_layer))
+    assert memo is not None
+    assert memo.converted == {"gzip-members-isal-2": new_layer, "gzip-members-1": layer2}
+    for lib, level in (("isal", 4), ("libdeflate", 0), ("zlib", 1)):
+        with pytest.raises(UserError, match=r"--level must be|--lib must be"):
+            convert_image(store, None, "app:v1", "app:bad", level=level, lib=lib)
 
 
-@pytest.mark.parametrize(("level", "segment"), [(1, members.SEGMENT), (3, 8192)])
+@pytest.mark.parametrize(
+    ("lib", "level", "segment"),
+    [
+        (members.LIB_ISAL, 2, members.SEGMENT),
+        (members.LIB_ISAL, 0, 8192),
+        (members.LIB_DEFLATE, 1, members.SEGMENT),
+        (members.LIB_DEFLATE, 3, 8192),
+    ],
+)
 def test_a_converted_layer_imported_from_a_registry_stays_re_encodable(
-    tmp_path: Path, tar_bytes: bytes, level: int, segment: int
+    tmp_path: Path, tar_bytes: bytes, lib: str, level: int, segment: int
 ) -> None:
     """casd's own gzip members (`oci convert` on another host, pushed to a registry) are
-    recognised: level and segment size found from the first member, the rest verified."""
+    recognised: deflater, level and segment size found from the first member, the rest
+    verified."""
     store = MemoryStore()
-    params = members.MembersParams(level, segment=segment)
+    params = members.MembersParams(level, segment=segment, lib=lib)
     enc = members.MembersEncoder(params)
     layer = enc.update(tar_bytes) + enc.finish()
     out = ingest(store, tmp_path, layer, media.OCI_LAYER_GZIP, sha(tar_bytes))

@@ -17,6 +17,8 @@ from casd.oci.members import (
     CHECK_EVERY,
     HEADER,
     LIB,
+    LIB_DEFLATE,
+    LIB_ISAL,
     SEGMENT,
     MembersDecoder,
     MembersEncoder,
@@ -25,6 +27,17 @@ from casd.oci.members import (
 )
 
 SMALL = 4096  # the smallest segment allowed: many members from little data
+#: (deflater, level): both families, their fastest and their strongest levels.
+LIB_LEVELS = st.sampled_from(
+    [
+        (LIB_ISAL, 0),
+        (LIB_ISAL, 2),
+        (LIB_ISAL, 3),
+        (LIB_DEFLATE, 1),
+        (LIB_DEFLATE, 6),
+        (LIB_DEFLATE, 12),
+    ]
+)
 
 
 def encode(data: bytes, params: MembersParams, cuts: list[int] | None = None) -> bytes:
@@ -64,12 +77,13 @@ def text(n: int, seed: int = 0) -> bytes:
 @given(
     data=st.binary(max_size=40_000) | st.integers(0, 60_000).map(text),
     cuts=st.lists(st.integers(0, 60_000), max_size=6),
-    level=st.sampled_from([1, 6, 12]),
+    lib_level=LIB_LEVELS,
 )
 def test_the_stream_is_the_same_however_the_input_is_split_and_decodes_to_it(
-    data: bytes, cuts: list[int], level: int
+    data: bytes, cuts: list[int], lib_level: tuple[str, int]
 ) -> None:
-    params = MembersParams(level, segment=SMALL)
+    lib, level = lib_level
+    params = MembersParams(level, segment=SMALL, lib=lib)
     whole = encode(data, params)
     assert encode(data, params, cuts) == whole
     assert gzip.decompress(whole) == data
@@ -101,10 +115,12 @@ def test_gnu_gzip_reads_the_members_as_one_stream() -> None:
 
 
 def test_parameters_round_trip_and_bad_ones_are_refused() -> None:
-    p = MembersParams(3, segment=SMALL)
-    assert MembersParams.from_dict(p.to_dict()) == p
+    for p in (MembersParams(3, segment=SMALL), MembersParams(9, lib=LIB_DEFLATE)):
+        assert MembersParams.from_dict(p.to_dict()) == p
+    assert LIB == LIB_ISAL  # what `oci convert` makes by default
     for bad in (
-        {"level": 0, "segment": SEGMENT, "lib": "x"},
+        {"level": 4, "segment": SEGMENT, "lib": LIB_ISAL},
+        {"level": 0, "segment": SEGMENT, "lib": LIB_DEFLATE},
         {"level": 13, "segment": SEGMENT, "lib": "x"},
         {"level": 1, "segment": 100, "lib": "x"},
         {"level": "one", "segment": SEGMENT, "lib": "x"},
@@ -112,6 +128,28 @@ def test_parameters_round_trip_and_bad_ones_are_refused() -> None:
     ):
         with pytest.raises(LayerFormatError):
             MembersParams.from_dict(bad)
+
+
+def test_members_of_a_deflater_this_host_lacks_are_read_not_made() -> None:
+    """A record from a host with another deflater parses (its layer then comes whole);
+    making or checking its members is refused by name."""
+    params = MembersParams.from_dict({"level": 5, "segment": SEGMENT, "lib": "zopfli (1.0)"})
+    with pytest.raises(LayerFormatError, match="zopfli"):
+        encode(b"data", params)
+    with pytest.raises(LayerFormatError, match="zopfli"):
+        decode(encode(b"data", MembersParams(1)), params)
+
+
+def test_the_deflaters_make_different_bytes_that_any_gzip_reader_takes() -> None:
+    data = text(3 * SMALL, seed=4)
+    made = {
+        lib: encode(data, MembersParams(1, segment=SMALL, lib=lib))
+        for lib in (LIB_ISAL, LIB_DEFLATE)
+    }
+    assert made[LIB_ISAL] != made[LIB_DEFLATE]
+    for stream in made.values():
+        assert gzip.decompress(stream) == data
+        assert [size for _, size in members_of(stream)] == [SMALL] * 3
 
 
 def test_the_encoder_refuses_use_after_finish() -> None:
@@ -140,12 +178,13 @@ def decode(stream: bytes, params: MembersParams, cuts: list[int] | None = None) 
 @given(
     data=st.binary(max_size=40_000) | st.integers(0, 60_000).map(text),
     cuts=st.lists(st.integers(0, 60_000), max_size=6),
-    level=st.sampled_from([1, 6, 12]),
+    lib_level=LIB_LEVELS,
 )
 def test_a_series_decodes_to_its_input_however_the_bytes_arrive(
-    data: bytes, cuts: list[int], level: int
+    data: bytes, cuts: list[int], lib_level: tuple[str, int]
 ) -> None:
-    params = MembersParams(level=level, segment=SMALL)
+    lib, level = lib_level
+    params = MembersParams(level=level, segment=SMALL, lib=lib)
     assert decode(encode(data, params), params, cuts) == data
 
 
@@ -153,12 +192,16 @@ def test_decoding_checks_that_this_host_makes_each_member_again() -> None:
     data = text(30_000, seed=3)
     params = MembersParams(level=1, segment=SMALL)
     good = encode(data, params)
-    # Made at another level: valid gzip that decodes fine elsewhere, but not what this
-    # host's encoder makes with the recorded parameters.
-    other = encode(data, MembersParams(level=9, segment=SMALL))
-    assert gzip.decompress(other) == data
-    with pytest.raises(LayerFormatError, match="does not make"):
-        decode(other, params)
+    # Made at another level, or by the other deflater: valid gzip that decodes fine
+    # elsewhere, but not what this host's encoder makes with the recorded parameters.
+    for other_params in (
+        MembersParams(level=3, segment=SMALL),
+        MembersParams(1, SMALL, LIB_DEFLATE),
+    ):
+        other = encode(data, other_params)
+        assert gzip.decompress(other) == data
+        with pytest.raises(LayerFormatError, match="does not make"):
+            decode(other, params)
     # A flipped bit, a member gone, the stream cut short, or something else than members.
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0x10
@@ -172,7 +215,7 @@ def test_decoding_checks_that_this_host_makes_each_member_again() -> None:
 
 
 def _odd_member(segment: bytes) -> bytes:
-    """A valid gzip member of ``segment`` with casd's header that this host's libdeflate
+    """A valid gzip member of ``segment`` with casd's header that this host's deflater
     does not make (zlib's deflate body)."""
     body = zlib.compressobj(9, zlib.DEFLATED, -15)
     odd = body.compress(segment) + body.flush()
@@ -181,7 +224,7 @@ def _odd_member(segment: bytes) -> bytes:
     return made
 
 
-def test_a_series_from_this_hosts_libdeflate_is_deflated_again_in_a_sample() -> None:
+def test_a_series_from_one_of_this_hosts_deflaters_is_deflated_again_in_a_sample() -> None:
     data = text(40 * SMALL, seed=5)
     segs = [data[i : i + SMALL] for i in range(0, len(data), SMALL)]
     params = MembersParams(level=1, segment=SMALL)
