@@ -519,6 +519,31 @@ class Client:
 
     # --- pull --------------------------------------------------------------------------
 
+    def one_chunk(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes is one chunk on this server (FastCDC cuts
+        nothing shorter than its minimum)."""
+        params = self.chunker_params
+        return params is not None and 0 < size <= params.min
+
+    async def first_chunk(self, digest: str) -> casproto.Chunk | casproto.ChunkPack | None:
+        """The first chunk of blob ``digest`` as it came, asked for by its place (WANT_AT
+        place 0) before the recipe has said its id: for a blob of one chunk (an image's
+        manifest, config, layer record), asked together with the recipe, its bytes then
+        cost no round trip of their own. Unverified: :func:`first_chunk_of` checks it
+        against the recipe. None where the server lacks want-at or refused."""
+        if casproto.WANT_AT_FEATURE not in self.features:
+            return None
+        rid, recv = self._open()
+        try:
+            await self.peer.send(casproto.WantAt(rid, digest, 0, casproto.pack_bitmap([True])))
+            try:
+                reply = await self._reply(recv)
+            except PeerRefused:
+                return None
+        finally:
+            self._close(rid)
+        return reply if isinstance(reply, casproto.Chunk | casproto.ChunkPack) else None
+
     async def fetch_recipe(
         self, ref: str, base: tuple[str, bytes] | None = None
     ) -> casproto.Recipe:
@@ -1020,6 +1045,30 @@ def verify_chunks(
             raise ChunkCorrupt(f.id, "the server sent bytes that do not hash to the chunk id")
         out.append(VerifiedChunk(f.id, data, casproto.Codec(f.codec), payload))
     return out
+
+
+def first_chunk_of(
+    reply: casproto.Chunk | casproto.ChunkPack | None, recipe: casproto.Recipe
+) -> VerifiedChunk | None:
+    """The blob's first chunk from ``reply`` (:meth:`Client.first_chunk`), if it is that
+    chunk, decoded and checked against the recipe's first id; else None (it is then
+    fetched as any other: nothing unverified is kept)."""
+    if reply is None or not recipe.ids:
+        return None
+    cid, size = recipe.ids[0], recipe.sizes[0]
+    frame: casproto.Chunk | _Packed
+    if isinstance(reply, casproto.ChunkPack):
+        if len(reply.lengths) != 1:
+            return None
+        frame = _Packed(reply, (cid,))
+    elif reply.id != cid:
+        return None
+    else:
+        frame = reply
+    try:
+        return verify_chunks([frame], {cid: size})[0]
+    except (ChunkCorrupt, IndexError):
+        return None
 
 
 @dataclass

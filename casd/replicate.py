@@ -32,7 +32,7 @@ import trio
 
 from casd import blobdelta, chunkdelta
 from casd.chunking import Chunker, format_digest
-from casd.client import Client, VerifiedChunk
+from casd.client import Client, VerifiedChunk, first_chunk_of
 from casd.errors import (
     BlobMissing,
     CasdError,
@@ -185,8 +185,11 @@ class Throttle:
             await self._send(progress)
 
 
-async def resolve_names(src: Client, names: list[str], all_names: bool) -> list[tuple[str, str]]:
-    """(name, digest) pairs to sync. A digest given as a name syncs that blob unnamed."""
+async def resolve_names(
+    src: Client, names: list[str], all_names: bool, sizes: dict[str, int] | None = None
+) -> list[tuple[str, str]]:
+    """(name, digest) pairs to sync. A digest given as a name syncs that blob unnamed.
+    ``sizes`` gets the size of each blob the source said (by digest)."""
     if all_names:
         return await src.list_names()
     out = []
@@ -198,6 +201,8 @@ async def resolve_names(src: Client, names: list[str], all_names: bool) -> list[
                 exc.hint = f"`casctl --server {src.peer.ident} ls` lists what the source has"
             raise
         out.append((ref, info.digest))
+        if sizes is not None:
+            sizes[info.digest] = info.size
     return out
 
 
@@ -451,8 +456,13 @@ async def sync_into_store(
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
     link: blobdelta.Link | None = None,
     cut: Callable[[str], Cut] | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> SyncReport:
     """Direct mode: copy blobs from the ``src`` server into the local ``store``.
+
+    ``sizes``: the blobs' sizes, where the caller knows them (a manifest says those of
+    its config and layers): a blob of one chunk then has its chunk asked for with its
+    recipe, in the same round trip (Client.first_chunk).
 
     ``base_hints`` maps a digest to a local blob to delta-encode it against when it has
     no previous version under its name (OCI layers: the same layer of the previous
@@ -484,6 +494,8 @@ async def sync_into_store(
     # chunks stream: many small blobs cost no round trip each.
     to_fetch = list(dict.fromkeys(d for (_, d), h in zip(pairs, held, strict=True) if not h))
     recipes_in, recipes_out = trio.open_memory_channel[casproto.Recipe](RECIPE_PREFETCH)
+    single = set() if dry_run else {d for d, n in (sizes or {}).items() if src.one_chunk(n)}
+    firsts: dict[str, casproto.Chunk | casproto.ChunkPack | None] = {}
     base_of: dict[str, str] = {}
     for name, digest in pairs:
         if (old := _old_version(name, digest, local_names, base_hints or {})) is not None:
@@ -499,9 +511,17 @@ async def sync_into_store(
             # comes encoded against it, and the ids both share cost next to nothing.
             base = base_of.get(digest)
             entries = await run(_recipe_entries, store, base) if base else None
-            got[digest] = await src.fetch_recipe(
-                digest, (base, entries) if base and entries is not None else None
-            )
+            ask = (base, entries) if base and entries is not None else None
+            if digest not in single:
+                got[digest] = await src.fetch_recipe(digest, ask)
+                return
+
+            async def first() -> None:
+                firsts[digest] = await src.first_chunk(digest)
+
+            async with open_nursery() as both:
+                both.start_soon(first)
+                got[digest] = await src.fetch_recipe(digest, ask)
 
         async with recipes_in:
             for i in range(0, len(to_fetch), RECIPE_PREFETCH):
@@ -531,6 +551,7 @@ async def sync_into_store(
             tee,
             link,
             cut,
+            firsts,
         )
     report.wire_bytes = src.peer.wire_bytes - wire_before
     _, raw, wire, decode_s, fallbacks = (
@@ -579,6 +600,7 @@ async def _copy_all(
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
     link: blobdelta.Link | None = None,
     cut: Callable[[str], Cut] | None = None,
+    firsts: dict[str, casproto.Chunk | casproto.ChunkPack | None] | None = None,
 ) -> None:
     seen: dict[str, casproto.Recipe] = {}
     # Report items in the order of ``pairs``, whichever blob finishes first.
@@ -593,6 +615,14 @@ async def _copy_all(
         report.chunks += len(recipe.ids)
         report.chunks_reused += len(recipe.ids) - len(need)
         report.bytes_total += recipe.size
+        first = (firsts or {}).pop(digest, None)
+        if need and need[0][0] == recipe.ids[0] and (got := first_chunk_of(first, recipe)):
+            # Asked for with the recipe (a blob of one chunk): here already, checked.
+            await run(_store_verified, store, [got])
+            need = need[1:]
+            report.chunks_fetched += 1
+            report.bytes_raw_fetched += len(got.data)
+            report.bytes_fetched += len(got.payload)
         if dry_run:
             report.chunks_fetched += len(need)
             report.bytes_raw_fetched += sum(size for _, size in need)
@@ -735,6 +765,13 @@ def _chunk_wire(store: Store, need: list[tuple[bytes, int]], old_digest: str) ->
     return sum(size for _, size in need) * ratio
 
 
+def _store_verified(store: Store, chunks: list[VerifiedChunk]) -> None:
+    # Verified when they arrived (casd.client.verify_chunks): stored without hashing
+    # again, in the compressed form they came in.
+    batch = [ChunkIn(c.id, c.data, c.codec, c.payload, decoded_from_encoded=True) for c in chunks]
+    store.put_chunks(batch, verify=False)
+
+
 async def _fetch_as_chunks(
     src: Client,
     store: Store,
@@ -764,14 +801,6 @@ async def _fetch_as_chunks(
         tee=tee(digest) if tee is not None else None,
     )
 
-    def put(chunks: list[VerifiedChunk]) -> None:
-        # Verified by fetch_chunks already: store without hashing again, and keep the
-        # compressed form as it came.
-        batch = [
-            ChunkIn(c.id, c.data, c.codec, c.payload, decoded_from_encoded=True) for c in chunks
-        ]
-        store.put_chunks(batch, verify=False)
-
     # The blob hash (and a tee such as an OCI layer's re-encoding) follows the transfer
     # in a task of its own: it reads the chunks held before from the store, which must
     # not hold up storing what arrives. The queue bounds how far it may lag.
@@ -786,7 +815,7 @@ async def _fetch_as_chunks(
         # The hash takes them from memory, so storing them runs beside it; the next batch
         # comes only once they are stored (the hash reads earlier batches from the store).
         await to_hash.send({c.id: c.data for c in chunks})
-        await run(put, chunks)
+        await run(_store_verified, store, chunks)
         report.chunks_delta += sum(c.codec == casproto.Codec.ZSTD_PREFIX for c in chunks)
         report.chunks_fetched += len(chunks)
         report.bytes_raw_fetched += sum(len(c.data) for c in chunks)

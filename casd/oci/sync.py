@@ -143,6 +143,7 @@ async def sync_with_images(
     link: Link | None = None,
     layer_link: Link | None = None,
     landings: Landings | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> SyncReport:
     """:func:`casd.replicate.sync_into_store`, completed with what images reference;
     ``link`` as there; ``layer_link`` the link as fast as it was seen to go, which
@@ -152,7 +153,14 @@ async def sync_with_images(
     local_before = dict(await run(store.list_names))
     deferred: list[tuple[str, str]] = []
     report = await sync_into_store(
-        src, store, run, pairs, dry_run=dry_run, on_progress=on_progress, defer_names=deferred
+        src,
+        store,
+        run,
+        pairs,
+        dry_run=dry_run,
+        on_progress=on_progress,
+        defer_names=deferred,
+        sizes=sizes,
     )
     if not dry_run:
         for name, digest in pairs:
@@ -210,6 +218,7 @@ async def _sync_digests(
     tee: Callable[[str], Callable[[bytes], None] | None] | None = None,
     link: Link | None = None,
     cut: Callable[[str], Cut] | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> None:
     todo = [d for d in dict.fromkeys(digests) if not await run(store.has_blob, d)]
     if not todo:
@@ -225,6 +234,7 @@ async def _sync_digests(
         tee=tee,
         link=link,
         cut=cut,
+        sizes=sizes,
     )
     _merge(report, part)
 
@@ -245,7 +255,15 @@ async def _complete_image(
     doc = await run(_document, store, top)
     assert doc is not None
     if doc.kind == "index":
-        await _sync_digests(src, store, run, [m.digest for m in doc.manifests], report, on_progress)
+        await _sync_digests(
+            src,
+            store,
+            run,
+            [m.digest for m in doc.manifests],
+            report,
+            on_progress,
+            sizes={m.digest: m.size for m in doc.manifests},
+        )
         manifests = [(_platform_key(m), m.digest) for m in doc.manifests]
     else:
         manifests = [("", top)]
@@ -253,12 +271,14 @@ async def _complete_image(
 
     # Configs, and the layer records of layers this store cannot serve yet.
     configs: list[str] = []
+    sizes: dict[str, int] = {}  # of the small blobs asked for next, as the source says
     wanted: list[tuple[str, media.Descriptor, int]] = []  # (platform key, layer, index)
     for key, digest in manifests:
         mdoc = await run(_document, store, digest)
         if mdoc is None or mdoc.config is None:
             continue
         configs.append(mdoc.config.digest)
+        sizes[mdoc.config.digest] = mdoc.config.size
         for i, layer in enumerate(mdoc.layers):
             wanted.append((key, layer, i))
 
@@ -281,12 +301,19 @@ async def _complete_image(
             plain.append(d)
             return
         records[d] = info.digest
+        sizes[info.digest] = info.size
 
     async with open_nursery() as lookups:
         for d in dict.fromkeys(todo):
             lookups.start_soon(lookup, d)
     await _sync_digests(
-        src, store, run, configs + plain + list(records.values()), report, on_progress
+        src,
+        store,
+        run,
+        configs + plain + list(records.values()),
+        report,
+        on_progress,
+        sizes=sizes,
     )
 
     # A layer kept raw moves as its compressed bytes (as a registry would send it; its

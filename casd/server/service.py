@@ -859,6 +859,7 @@ class Session:
                 src.allow_deltas = self.ctx.deltas
                 before: dict[str, int | float] = {}
                 pairs: list[tuple[str, str]] = []
+                sizes: dict[str, int] = {}
                 kernel_rate = [0.0]
 
                 async def counters() -> None:
@@ -868,7 +869,7 @@ class Session:
                     kernel_rate[0] = float(stats.get("peer_link_mbit", 0) or 0) * 1e6 / 8
 
                 async def names() -> None:
-                    pairs.extend(await resolve_names(src, list(ev.names), ev.all))
+                    pairs.extend(await resolve_names(src, list(ev.names), ev.all, sizes))
 
                 async with open_nursery() as first:  # one round trip for both
                     first.start_soon(counters)
@@ -885,6 +886,7 @@ class Session:
                         link=self.ctx.links.get(source) if self.ctx.deltas else None,
                         layer_link=_fastest(self.ctx.links.get(source), kernel_rate[0]),
                         landings=self.ctx.landings,
+                        sizes=sizes,
                     )
                 if (link := report.link) is not None:  # for the next sync from there
                     self.ctx.links[source] = link
