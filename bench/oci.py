@@ -776,7 +776,7 @@ def write_results_md(
         "Each series twice: as umoci built it (Go's pgzip: with casd-gogzip, casd makes such",
         "layers again byte for byte, so it moves their tar's chunks, as deltas; without it it",
         "keeps them as they came and moves them whole) and after `casctl oci convert` (casd's",
-        "own gzip members, which re-encode about three times faster).",
+        "own gzip members, which re-encode several times faster).",
         "",
         "## Links",
         "",
