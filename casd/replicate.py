@@ -23,7 +23,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +44,7 @@ from casd.errors import (
 )
 from casd.leases import leases_for
 from casd.nursery import open_nursery
+from casd.pools import SharedPool
 from casd.refs import is_digest
 from casd.storage.interface import ChunkIn, Recipe, Store
 
@@ -345,17 +345,7 @@ class _BaseReader:
 #: The blob hash reads the chunks held before in stretches of about this many bytes.
 HASH_READ_BYTES = 4 * 1024 * 1024
 
-_read_ahead: ThreadPoolExecutor | None = None
-_read_ahead_lock = threading.Lock()
-
-
-def _read_ahead_pool() -> ThreadPoolExecutor:
-    # One per process, made on first use: a read ahead holds nothing between stretches.
-    global _read_ahead
-    with _read_ahead_lock:
-        if _read_ahead is None:
-            _read_ahead = ThreadPoolExecutor(2, thread_name_prefix="casd-read-ahead")
-        return _read_ahead
+_read_ahead_pool = SharedPool(2, "casd-read-ahead").get
 
 
 class _OrderedHasher:

@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -45,6 +44,7 @@ import deflate
 from isal import isal_zlib
 
 from casd.oci.gzipre import LayerFormatError
+from casd.pools import SharedPool
 
 CODEC = "gzip-members"
 #: Uncompressed bytes per member: large enough that losing deflate's 32 KiB of history at
@@ -93,18 +93,7 @@ CHECK_EVERY = 16
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: Segments an encoder keeps in flight on the pool: every worker busy, memory bounded.
 _IN_FLIGHT = 2 * _WORKERS
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    # One process-wide pool, made on first use: re-encoding happens in bursts, and its
-    # threads hold no state between calls.
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="casd-deflate")
-        return _pool
+_executor = SharedPool(_WORKERS, "casd-deflate").get
 
 
 @dataclass(frozen=True)
