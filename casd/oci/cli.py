@@ -99,8 +99,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         choices=range(0, 13),
         metavar="N",
-        help="the deflater's level: isal 0-3 (default 2), libdeflate 1-12 (default 1; 6 "
-        "makes ~8%% smaller layers 3x more slowly)",
+        help="the deflater's level: isal 0-2 (default 2; ISA-L's level 3 makes other bytes "
+        "on other CPUs), libdeflate 1-12 (default 1; 6 makes ~8%% smaller layers 3x more "
+        "slowly)",
     )
     s.add_argument("--json", action="store_true")
 

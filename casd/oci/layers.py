@@ -338,7 +338,8 @@ def can_reencode_here(record: LayerRecord) -> bool:
         return False
     enc = record.encoding or {}
     if enc.get("codec") == members.CODEC:
-        return members.makes_here(str(enc.get("lib", "")))
+        level = enc.get("level")
+        return members.makes_here(str(enc.get("lib", "")), level if isinstance(level, int) else -1)
     return enc.get("codec") != gogzip.CODEC or gogzip.helper() is not None
 
 

@@ -58,8 +58,15 @@ LIB_ISAL = f"isa-l (isal {version('isal')})"
 LIB_DEFLATE = f"libdeflate (deflate {version('deflate')})"
 #: What ``oci convert`` makes members with unless told otherwise.
 LIB = LIB_ISAL
-#: Each family's levels.
-LEVELS = {"isa-l": range(0, 4), "libdeflate": range(1, 13)}
+#: Each family's levels that ``oci convert`` makes and hosts make again: those whose
+#: output is a function of the input and the level alone. ISA-L picks its code by the
+#: CPU; its levels 0-2 gave the same bytes from its AVX-512 and AVX2 code, level 3 did
+#: not (and read memory it had not written), so a host with another CPU would never
+#: make a level-3 layer again. Such a layer (as casd made them for a day) is still
+#: read; its members are fetched, not made (:func:`makes_here`).
+LEVELS = {"isa-l": range(0, 3), "libdeflate": range(1, 13)}
+#: The levels a layer's parameters may name.
+_NAMED_LEVELS = {"isa-l": range(0, 4), "libdeflate": range(1, 13)}
 #: Short names (``casctl oci convert --lib``) of the deflaters this host has.
 LIBS = {"isal": LIB_ISAL, "libdeflate": LIB_DEFLATE}
 
@@ -79,10 +86,12 @@ def family(lib: str) -> str:
     return lib.split(" ", 1)[0]
 
 
-def makes_here(lib: str) -> bool:
-    """Whether this host has the deflater family ``lib`` names (whether its version makes
-    the same bytes is for the layer digest to say)."""
-    return family(lib) in _BODIES
+def makes_here(lib: str, level: int | None = None) -> bool:
+    """Whether this host has the deflater family ``lib`` names, and ``level`` is one of
+    those it makes the same bytes at on any CPU (whether its version makes the same
+    bytes is for the layer digest to say)."""
+    fam = family(lib)
+    return fam in _BODIES and (level is None or level in LEVELS[fam])
 
 
 #: A receiver of a converted layer's compressed bytes deflates again every this many
@@ -113,7 +122,7 @@ class MembersParams:
         except (KeyError, TypeError, ValueError) as exc:
             raise LayerFormatError(f"unreadable gzip-members parameters {d!r}") from exc
         # A deflater this host lacks is no error here: the layer is then fetched whole.
-        levels = LEVELS.get(family(params.lib), range(0, 13))
+        levels = _NAMED_LEVELS.get(family(params.lib), range(0, 13))
         if params.level not in levels or not 4096 <= params.segment <= 64 * 1024 * 1024:
             raise LayerFormatError(f"invalid gzip-members parameters {d!r}")
         return params
@@ -246,15 +255,23 @@ class MembersDecoder:
     library or version differs on nearly every member, so a sample finds it. The
     others are checked for framing, size and CRC. ``fully_checked`` says whether every
     member was deflated again; when it is not, the caller keeps the bytes until a whole
-    re-encoding has made them (:meth:`casd.oci.layers.LayerCache.adopt`).
+    re-encoding has made them (:meth:`casd.oci.layers.LayerCache.adopt`). Without
+    ``deflate_again`` no member is deflated again: what is checked is that the series
+    inflates, member by member, to data of the sizes and CRCs it states (how
+    ``oci convert`` checks what it has just made).
     """
 
-    def __init__(self, params: MembersParams, *, sample: bool = True) -> None:
+    def __init__(
+        self, params: MembersParams, *, sample: bool = True, deflate_again: bool = True
+    ) -> None:
         self.params = params
         self._buf = bytearray()
         self._searched = 0  # where the search for the next header goes on from
         self._inflight: deque[Future[bytearray]] = deque()
-        self._every = CHECK_EVERY if sample and params.lib in LIBS.values() else 1
+        # 0: no member is deflated again (only inflated, and its size and CRC checked).
+        self._every = (
+            0 if not deflate_again else CHECK_EVERY if sample and params.lib in LIBS.values() else 1
+        )
         self._count = 0
 
     @property
@@ -263,7 +280,7 @@ class MembersDecoder:
 
     def _submit(self, data: bytes, last: bool) -> None:
         p = self.params
-        again = last or self._count % self._every == 0
+        again = self._every > 0 and (last or self._count % self._every == 0)
         self._count += 1
         self._inflight.append(
             _executor().submit(_checked_member, data, p.level, p.segment, last, again, p.lib)

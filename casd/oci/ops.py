@@ -13,6 +13,7 @@ from casd.auth import Scope
 from casd.chunking import Chunker, format_digest
 from casd.errors import BlobMissing, UserError
 from casd.oci import media
+from casd.oci.gzipre import LayerFormatError
 from casd.oci.importer import ImportOptions, import_image
 from casd.oci.layers import (
     PIECE,
@@ -205,6 +206,13 @@ def ensure_uncompressed(store: Store, chunker: Chunker, rec: LayerRecord) -> Non
         w.commit()
 
 
+def _misconverted(digest: str, lib: str, why: str) -> LayerError:
+    return LayerError(
+        f"converting layer {digest}: {lib} made gzip members that do not give back the "
+        f"layer's tar ({why}); nothing was recorded (run it again, or use --lib libdeflate)"
+    )
+
+
 def _convert_layer(
     store: Store,
     chunker: Chunker,
@@ -243,8 +251,16 @@ def _convert_layer(
     params = members.MembersParams(level, lib=members.LIBS[lib])
     encoding = {"codec": members.CODEC, **params.to_dict()}
     draft = LayerRecord("", 0, "", rec.uncompressed, rec.uncompressed_size, encoding=encoding)
-    # One encoding: hashed for the digest, and written to the cache as it goes.
+    # One encoding: hashed for the digest, and written to the cache as it goes. It is
+    # inflated again as it goes, and must give back the tar, before anything names it:
+    # a new layer digest is made here, so no later check could tell a wrong member from
+    # a right one (receivers check what they make against this digest).
     sha = hashlib.sha256()
+    check, tar_sha, tar_size = (
+        members.MembersDecoder(params, deflate_again=False),
+        hashlib.sha256(),
+        0,
+    )
     size = 0
     tmp: Any = None
     if cache is not None:
@@ -256,6 +272,22 @@ def _convert_layer(
             size += len(piece)
             if tmp is not None:
                 tmp.write(piece)
+            try:
+                segs = check.feed(piece)
+            except LayerFormatError as exc:
+                raise _misconverted(layer.digest, lib, str(exc)) from None
+            for seg in segs:
+                tar_sha.update(seg)
+                tar_size += len(seg)
+        try:
+            segs = check.finish()
+        except LayerFormatError as exc:
+            raise _misconverted(layer.digest, lib, str(exc)) from None
+        for seg in segs:
+            tar_sha.update(seg)
+            tar_size += len(seg)
+        if format_digest(tar_sha.digest()) != rec.uncompressed or tar_size != rec.uncompressed_size:
+            raise _misconverted(layer.digest, lib, "the members inflate to another tar")
         digest = format_digest(sha.digest())
         if tmp is not None:
             tmp.close()

@@ -347,7 +347,11 @@ async def _complete_image(
             # or would take longer making it than its bytes take to cross: the compressed
             # bytes come as a blob, which then serves the layer here.
             if not whole:
-                log.info("layer %s: no %s here, fetching its compressed bytes", d, gogzip.HELPER)
+                log.info(
+                    "layer %s: this host cannot make its bytes again (%s), fetching them",
+                    d,
+                    (rec.encoding or {}).get("lib") or f"no {gogzip.HELPER}",
+                )
             await src.call("oci.materialize", {"digest": d})
             contents.append(d)
             continue

@@ -24,6 +24,7 @@ from casd.oci.layers import (
     LayerCache,
     LayerError,
     LayerRecord,
+    can_reencode_here,
     encode_layer,
     put_bytes,
     read_blob,
@@ -343,9 +344,43 @@ def test_convert_makes_raw_layers_re_encodable_and_keeps_the_config(
     memo = read_record(store, sha(raw_layer))
     assert memo is not None
     assert memo.converted == {"gzip-members-isal-2": new_layer, "gzip-members-1": layer2}
-    for lib, level in (("isal", 4), ("libdeflate", 0), ("zlib", 1)):
+    for lib, level in (("isal", 3), ("isal", 4), ("libdeflate", 0), ("zlib", 1)):
         with pytest.raises(UserError, match=r"--level must be|--lib must be"):
             convert_image(store, None, "app:v1", "app:bad", level=level, lib=lib)
+
+
+@pytest.mark.parametrize("fault", ["other data", "not deflate"])
+def test_convert_records_nothing_when_its_members_do_not_give_back_the_tar(
+    tmp_path: Path, tar_bytes: bytes, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """A new layer digest is made from the deflater's output: convert inflates what it
+    made and compares it with the tar before anything names it."""
+    store = MemoryStore()
+    raw_layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, raw_layer, media.OCI_LAYER_GZIP)
+    image(store, [raw_layer], [tar_bytes], media.OCI_LAYER_GZIP)
+    cache = LayerCache(str(tmp_path / "cache"))
+    real = members._BODIES["isa-l"]
+
+    def faulty(segment: bytes | bytearray | memoryview, level: int) -> bytes:
+        seg = bytes(segment)
+        if fault == "not deflate":
+            return b"\xff" * 16
+        # Well-formed deflate of data one byte off: its size is right, its CRC is not.
+        return (
+            bytes(real(seg[:-1] + bytes([seg[-1] ^ 1]), level)) if seg else bytes(real(seg, level))
+        )
+
+    monkeypatch.setitem(members._BODIES, "isa-l", faulty)
+    with pytest.raises(LayerError, match="do not give back the layer's tar"):
+        convert_image(store, cache, "app:v1", "app:v1-casd")
+    assert dict(store.list_names()).get("app:v1-casd") is None
+    memo = read_record(store, sha(raw_layer))
+    assert memo is not None
+    assert not memo.converted
+    assert list((tmp_path / "cache").iterdir()) == []  # no temporary file left either
+    monkeypatch.setitem(members._BODIES, "isa-l", real)
+    assert convert_image(store, cache, "app:v1", "app:v1-casd")["layers_converted"] == 1
 
 
 @pytest.mark.parametrize(
@@ -434,3 +469,21 @@ def test_an_iter_reader_hands_out_exactly_the_pieces_whatever_the_read_sizes() -
         got += buf[:n]
     assert bytes(got) == b"".join(pieces)
     assert reader.readinto(bytearray(10)) == 0
+
+
+def test_a_layer_is_made_again_here_only_by_a_deflater_and_level_that_make_the_same_bytes() -> None:
+    def record(lib: str, level: int) -> LayerRecord:
+        encoding = {"codec": members.CODEC, "level": level, "segment": members.SEGMENT, "lib": lib}
+        return LayerRecord(
+            "sha256:" + "1" * 64,
+            10,
+            media.OCI_LAYER_GZIP,
+            "sha256:" + "2" * 64,
+            20,
+            encoding=encoding,
+        )
+
+    assert can_reencode_here(record(members.LIB_ISAL, 2))
+    assert can_reencode_here(record(members.LIB_DEFLATE, 1))
+    assert not can_reencode_here(record(members.LIB_ISAL, 3))  # another CPU, other bytes
+    assert not can_reencode_here(record("zopfli (1.0)", 1))
