@@ -25,7 +25,9 @@ What it does:
      v(n-1) (skopeo skips the layers it has, as a real host does);
    - casd: `casctl sync A B REPO:vN`, then `skopeo copy docker://B-casd/REPO:vN oci:...`
      over B's loopback (a standard client gets the image; its time counts);
-   - the first version is the cold pull (B empty), both ways;
+   - the first version is the cold pull (B empty), both ways, and a third: skopeo from
+     an empty casd on B whose OCI API pulls through from casd A (`casd serve
+     --upstream`), so the sync and the client's pull overlap;
    - on converted series, also casd with deltas off (`casd serve --no-delta`), to see
      what delta encoding buys and costs (issue #7);
    bytes come from B's interface counters (both directions), never from a tool's own
@@ -160,13 +162,20 @@ class Registry:
 
 
 @contextlib.contextmanager
-def daemon(data: Path, listen: str, host: Host | None = None, *extra: str) -> Iterator[Daemon]:
+def daemon(
+    data: Path,
+    listen: str,
+    host: Host | None = None,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[Daemon]:
     d = Daemon(
         data,
         data.parent / f"{data.name}.log",
         ["--token", TOKEN, "--insecure", *extra],
         listen=listen,
         prefix=host.exec_prefix() if host else [],
+        env=env or {},
     ).start(timeout=60)
     try:
         yield d
@@ -289,6 +298,9 @@ class Step:
     # (casd.oci.landing), which the next version's delta needs. Waited for before the
     # next measurement, so that no run shares the CPU with it; not in casd's time.
     casd_landing: Measure | None = None
+    # Cold pulls only: skopeo from a third, empty casd on B whose OCI API pulls through
+    # from A (`casd serve --upstream`): the sync and the client's pull overlap.
+    casd_pull_through: Measure | None = None
 
 
 class Meter:
@@ -499,10 +511,39 @@ def run_series(
                         prefix=B.exec_prefix(),
                     )
                 wait_landed(b_nd, B)
+            through: list[Measure] = []
+            if prev is None:
+                with daemon(
+                    scratch / "casd-b-mirror",
+                    f"127.0.0.1:{CASD_PORT + 2}",
+                    B,
+                    "--oci-listen",
+                    f"127.0.0.1:{OCI_PORT + 2}",
+                    "--upstream",
+                    src,
+                    env={"CASD_UPSTREAM_TOKEN": TOKEN},
+                ) as mirror:
+                    assert mirror.proc is not None
+                    meter.b_pids.append(mirror.proc.pid)
+                    try:
+                        with meter.measure(through):
+                            skopeo(
+                                "copy",
+                                "--src-tls-verify=false",
+                                f"docker://127.0.0.1:{OCI_PORT + 2}/{repo}:{tag}",
+                                f"oci:{scratch / 'mirror-layout'}:{tag}",
+                                prefix=B.exec_prefix(),
+                            )
+                        wait_landed(mirror, B)
+                    finally:
+                        meter.b_pids.remove(mirror.proc.pid)
+                check_same(plain_layout, scratch / "mirror-layout", tag)
             check_same(plain_layout, casd_layout, tag)
             step = Step(
                 link_name, s.name, kind, label, got[0], got[1], got[2] if b_nd else None, report
             )
+            if through:
+                step.casd_pull_through = through[0]
             if report.get("layers_deferred"):
                 step.casd_landing = landing[0]
             steps.append(step)
@@ -519,6 +560,12 @@ def run_series(
                     f", chunks only {step.casd_chunks_only.wire / 1e6:.1f} MB "
                     f"{step.casd_chunks_only.seconds:.1f}s"
                     if step.casd_chunks_only
+                    else ""
+                )
+                + (
+                    f", pull-through {step.casd_pull_through.wire / 1e6:.1f} MB "
+                    f"{step.casd_pull_through.seconds:.1f}s"
+                    if step.casd_pull_through
                     else ""
                 )
             )
@@ -555,7 +602,7 @@ def table(steps: list[Step], share: dict[str, dict[str, Any]]) -> str:
         f"{'link':<7} {'series':<8} {'kind':<9} {'step':<9} {'shared':>6} "
         f"{'plain MB':>9} {'casd MB':>8} {'ratio':>6} {'ideal MB':>8} {'c/ideal':>7} "
         f"{'prefix MB':>9} {'plain s':>8} {'casd s':>7} {'t ratio':>7} {'nodelta s':>9} "
-        f"{'land s':>6}"
+        f"{'land s':>6} {'thru s':>6}"
     )
     lines = [head, "-" * len(head)]
     for st in steps:
@@ -574,7 +621,8 @@ def table(steps: list[Step], share: dict[str, dict[str, Any]]) -> str:
             f"{st.plain.seconds:>8.1f} {st.casd.seconds:>7.1f} "
             f"{st.casd.seconds / max(st.plain.seconds, 1e-9):>7.2f} "
             f"{(f'{st.casd_chunks_only.seconds:.1f}' if st.casd_chunks_only else '-'):>9} "
-            f"{(f'{st.casd_landing.seconds:.1f}' if st.casd_landing else '-'):>6}"
+            f"{(f'{st.casd_landing.seconds:.1f}' if st.casd_landing else '-'):>6} "
+            f"{(f'{st.casd_pull_through.seconds:.1f}' if st.casd_pull_through else '-'):>6}"
         )
     return "\n".join(lines)
 
@@ -622,6 +670,15 @@ def verdicts(steps: list[Step], share: dict[str, dict[str, Any]]) -> list[str]:
         if cold:
             r = max(st.casd.seconds / max(st.plain.seconds, 1e-9) for st in cold)
             out.append(f"{link}: cold pulls, worst casd/plain time {r:.2f} (target <= 1.1)")
+            through = [st for st in cold if st.casd_pull_through]
+            if through:
+                t = [st.casd_pull_through.seconds / max(st.plain.seconds, 1e-9) for st in through]  # type: ignore[union-attr]
+                w = [st.casd_pull_through.wire / max(st.plain.wire, 1) for st in through]  # type: ignore[union-attr]
+                out.append(
+                    f"{link}: cold pulls through a casd mirror (skopeo from B, which pulls "
+                    f"from A as they go): casd/plain time worst {max(t):.2f}, median "
+                    f"{statistics.median(t):.2f}; bytes worst {max(w):.2f}"
+                )
     prefix = [
         st.casd.wire / share[k]["zstd_prefix"]
         for st in steps
@@ -794,7 +851,9 @@ def write_results_md(
         "`land s`: after a sync where layers came as their compressed bytes (they serve from "
         "B's layer cache at once), the time B then took to store their tars for the next "
         "version's delta (casd.oci.landing), waited for before the next run and not in casd "
-        "s.",
+        "s. `thru s` (cold pulls): `skopeo copy` from an empty casd on B started with "
+        "`--upstream A`, which syncs the image from casd A as skopeo asks for it and serves "
+        "each layer as its bytes arrive.",
         "",
         "```",
         tab,

@@ -602,7 +602,7 @@ class _Connection:
                 await self._send_response(req, alt)
                 return
             await self._send_head(resp)
-            want, sent = blob.end - blob.start, 0
+            want, sent, began = blob.end - blob.start, 0, trio.current_time()
             async for piece in pieces:
                 if not piece:
                     continue
@@ -615,6 +615,13 @@ class _Connection:
             if sent != want:
                 raise _Abort(f"source gave {sent} of the {want} bytes of {blob.digest}")
         await self._send(h11.EndOfMessage())
+        log.debug(
+            "oci: sent %s [%d, %d) in %.3fs",
+            blob.digest,
+            blob.start,
+            blob.end,
+            trio.current_time() - began,
+        )
 
     async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
         """Answer a request h11 could not parse, if h11 still allows an answer."""

@@ -426,6 +426,21 @@ def _reproduces(store: Store, record: LayerRecord) -> bool:
 UNCHECKED = ".unchecked"
 
 
+class Growing:
+    """A layer's compressed bytes as a sync writes them into the cache: the first ``size``
+    are in the file at ``path`` (flushed, so another reader sees them), of ``total``.
+    ``ok`` stays None while it grows, then says whether the bytes were the layer (checked
+    against its digest; the file then goes into the cache under the layer's name, or
+    away, but an open file still reads). Written from one worker thread, read from the
+    event loop: plain attributes, each set in one step."""
+
+    def __init__(self, path: str, total: int) -> None:
+        self.path = path
+        self.total = total
+        self.size = 0
+        self.ok: bool | None = None
+
+
 class LayerCache:
     """Verified compressed layers on disk, so a re-encoded layer is encoded once.
 
@@ -443,6 +458,8 @@ class LayerCache:
         self.checker: Callable[[str], bool] | None = None
         os.makedirs(directory, exist_ok=True)
         self._lock = threading.Lock()
+        # Layers a sync is writing in now, which the OCI API serves as they grow.
+        self._growing: dict[str, Growing] = {}
         for leftover in os.listdir(directory):
             path = os.path.join(directory, leftover)
             if leftover.startswith("tmp") or (
@@ -453,6 +470,27 @@ class LayerCache:
 
     def path(self, digest: str) -> str:
         return os.path.join(self.dir, digest.replace(":", "-"))
+
+    def grow(self, digest: str, path: str, total: int) -> Growing:
+        """Announce that the file at ``path`` (in the cache's directory) is being
+        written with layer ``digest``'s ``total`` bytes; :meth:`grown` ends it."""
+        g = Growing(path, total)
+        with self._lock:
+            old = self._growing.get(digest)
+            self._growing[digest] = g
+        if old is not None and old.ok is None:
+            old.ok = False  # an attempt given up: its readers stop
+        return g
+
+    def growing(self, digest: str) -> Growing | None:
+        return self._growing.get(digest)
+
+    def grown(self, digest: str, g: Growing, ok: bool) -> None:
+        """The end of :meth:`grow`'s file: ``ok`` if it is in the cache now (adopted)."""
+        g.ok = ok
+        with self._lock:
+            if self._growing.get(digest) is g:
+                del self._growing[digest]
 
     def open(self, digest: str) -> BinaryIO | None:
         try:

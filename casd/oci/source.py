@@ -16,12 +16,15 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import trio
+
 from casd.errors import BlobMissing
 from casd.oci import media
 from casd.oci.http import ManifestHit
 from casd.oci.landing import Landings
 from casd.oci.layers import (
     PIECE,
+    Growing,
     LayerCache,
     LayerError,
     LayerRecord,
@@ -159,9 +162,13 @@ class StoreSource:
     # --- blobs ------------------------------------------------------------------------
 
     def _locate(self, digest: str) -> tuple[str, int, LayerRecord | None] | None:
-        """("blob" | "cache" | "reencode", size, record) or None."""
+        """("blob" | "cache" | "growing" | "reencode", size, record) or None."""
         if self.store.has_blob(digest):
             return "blob", self.store.get_recipe(digest).size, None
+        # A layer a sync is bringing now (its record is named only once it checked):
+        # served as its bytes reach the cache.
+        if self.cache is not None and (g := self.cache.growing(digest)) is not None:
+            return "growing", g.total, None
         try:
             rec = read_record(self.store, digest)
         except LayerError:
@@ -187,23 +194,32 @@ class StoreSource:
         if found is None:
             raise BlobMissing(f"blob {digest} is not in the store")
         kind, _, rec = found
-        if kind == "blob":
-            gen: Iterator[bytes] = _pieces(iter_blob(self.store, digest, start, end))
-        elif kind == "cache":
+        growing, f = None, None
+        if kind == "growing":
             assert self.cache is not None
-            gen = _file_range(self.cache.path(digest), start, end)
+            growing = self.cache.growing(digest)
+            # None: it ended meanwhile (in the cache now, or failed).
+            f = None if growing is None else await self.run(_open_or_none, growing.path)
+            if f is None:
+                growing = None
+                found = await self.run(self._locate, digest)
+                if found is None or found[0] == "growing":
+                    raise BlobMissing(f"blob {digest} is not in the store")
+                kind, _, rec = found
+        if growing is not None:
+            gen: Iterator[bytes] = iter(())
+            it = _follow(self.run, f, growing, digest, start, end)
         else:
-            assert rec is not None
-            gen = _reencoded_range(self.store, self.cache, rec, start, end)
+            if kind == "blob":
+                gen = _pieces(iter_blob(self.store, digest, start, end))
+            elif kind == "cache":
+                assert self.cache is not None
+                gen = _file_range(self.cache.path(digest), start, end)
+            else:
+                assert rec is not None
+                gen = _reencoded_range(self.store, self.cache, rec, start, end)
+            it = _from_thread(self.run, gen)
 
-        async def pieces() -> AsyncIterator[bytes]:
-            while True:
-                piece = await self.run(next, gen, _END)
-                if piece is _END:
-                    return
-                yield piece
-
-        it = pieces()
         busy = self.landings.foreground() if self.landings else contextlib.nullcontext()
         try:
             with busy:
@@ -211,6 +227,56 @@ class StoreSource:
         finally:
             await it.aclose()  # type: ignore[attr-defined]
             await self.run(_close, gen)
+            if f is not None:
+                f.close()
+
+
+def _open_or_none(path: str) -> Any:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
+
+
+async def _from_thread(run: Run, gen: Iterator[bytes]) -> AsyncIterator[bytes]:
+    while True:
+        piece = await run(next, gen, _END)
+        if piece is _END:
+            return
+        yield piece
+
+
+#: How often a reader of a growing layer looks for more of it (seconds).
+FOLLOW_POLL = 0.005
+#: A growing layer that gains no byte for this long is given up on (seconds).
+FOLLOW_STALL = 120.0
+
+
+async def _follow(
+    run: Run, f: Any, growing: Growing, digest: str, start: int, end: int
+) -> AsyncIterator[bytes]:
+    """Bytes [start, end) of a layer while a sync writes it into the cache. Its last
+    byte is held back until the whole layer checked: a reader never gets a complete
+    wrong blob (what it got before is dropped with the connection)."""
+    pos, idle_since = start, trio.current_time()
+    while pos < end:
+        ok = growing.ok
+        if ok is False:
+            raise LayerError(f"layer {digest} did not arrive whole, or was not the layer")
+        have = min(growing.size, end if ok else end - 1)
+        if ok and growing.size < end:
+            raise LayerError(f"layer {digest} ended at {growing.size} of {end} bytes")
+        if have <= pos:
+            if trio.current_time() - idle_since > FOLLOW_STALL:
+                raise LayerError(f"layer {digest} stopped arriving")
+            await trio.sleep(FOLLOW_POLL)
+            continue
+        data = await run(os.pread, f.fileno(), min(have - pos, PIECE), pos)
+        if not data:
+            raise LayerError(f"layer {digest}: its file is shorter than announced")
+        pos += len(data)
+        idle_since = trio.current_time()
+        yield data
 
 
 def _close(gen: Iterator[bytes]) -> None:

@@ -33,6 +33,7 @@ from casd.oci import gogzip, gzipre, media
 from casd.oci.landing import CheckedLayer, Landings, landing_name, store_compressed
 from casd.oci.layers import (
     PIECE,
+    Growing,
     LayerCache,
     LayerError,
     LayerRecord,
@@ -419,66 +420,72 @@ async def _complete_image(
 
     deferred: set[str] = set()
 
-    async with open_nursery() as verifiers:
+    try:
+        async with open_nursery() as verifiers:
 
-        async def arrived(content: str) -> None:
-            d = by_content.get(content)
-            if d is not None and d not in done:
-                done.add(d)
-                verifiers.start_soon(verify, d)
+            async def arrived(content: str) -> None:
+                d = by_content.get(content)
+                if d is not None and d not in done:
+                    done.add(d)
+                    verifiers.start_soon(verify, d)
 
-        # A layer with no old version here comes as its compressed bytes, as a registry
-        # sends it: with nothing to encode against, chunks would save a few per cent of
-        # the bytes and cost both hosts their CPU (the source reads and packs tens of
-        # thousands of chunks, this side checks and compresses each again).
-        # One after another on the wire, each at the link's full rate; but the next is
-        # asked for about a round trip before the one before has crossed, so its first
-        # bytes follow that one's last: the link never idles between layers (an idle
-        # connection also falls back to TCP slow start).
-        streamed: set[str] = set()
-        in_flight = [0]
+            # A layer with no old version here comes as its compressed bytes, as a registry
+            # sends it: with nothing to encode against, chunks would save a few per cent of
+            # the bytes and cost both hosts their CPU (the source reads and packs tens of
+            # thousands of chunks, this side checks and compresses each again).
+            # One after another on the wire, each at the link's full rate; but the next is
+            # asked for about a round trip before the one before has crossed, so its first
+            # bytes follow that one's last: the link never idles between layers (an idle
+            # connection also falls back to TCP slow start).
+            streamed: set[str] = set()
+            in_flight = [0]
 
-        async def land(
-            content: str, r: _Reencoder, after: trio.Event | None, crossed: trio.Event
-        ) -> None:
-            try:
-                if after is not None:
-                    await after.wait()
-                defer = landings is not None and r.keeps_bytes
-                ok = await _land_compressed(
-                    src, store, run, r, report, on_progress, in_flight, crossed.set, defer=defer
-                )
-                if ok and defer:
-                    deferred.add(by_content[content])
-            finally:
-                crossed.set()
-            if ok:
-                streamed.add(content)
-                await arrived(content)
+            async def land(
+                content: str, r: _Reencoder, after: trio.Event | None, crossed: trio.Event
+            ) -> None:
+                try:
+                    if after is not None:
+                        await after.wait()
+                    defer = landings is not None and r.keeps_bytes
+                    ok = await _land_compressed(
+                        src, store, run, r, report, on_progress, in_flight, crossed.set, defer=defer
+                    )
+                    if ok and defer:
+                        deferred.add(by_content[content])
+                finally:
+                    crossed.set()
+                if ok:
+                    streamed.add(content)
+                    await arrived(content)
 
-        async with open_nursery() as streams:
-            after: trio.Event | None = None
-            for content, r in list(landing.items()):
-                if content in hints or await run(store.has_blob, content):
-                    continue
-                crossed = trio.Event()
-                streams.start_soon(land, content, r, after, crossed)
-                after = crossed
-        await _sync_digests(
-            src,
-            store,
-            run,
-            [c for c in contents if c not in streamed],
-            report,
-            on_progress,
-            hints,
-            arrived,
-            tee,
-            link,
-            cut,
-        )
-        for d in parsed:  # layers whose content was here already
-            await arrived(next(c for c, x in by_content.items() if x == d))
+            async with open_nursery() as streams:
+                after: trio.Event | None = None
+                for content, r in list(landing.items()):
+                    if content in hints or await run(store.has_blob, content):
+                        continue
+                    crossed = trio.Event()
+                    streams.start_soon(land, content, r, after, crossed)
+                    after = crossed
+            await _sync_digests(
+                src,
+                store,
+                run,
+                [c for c in contents if c not in streamed],
+                report,
+                on_progress,
+                hints,
+                arrived,
+                tee,
+                link,
+                cut,
+            )
+            for d in parsed:  # layers whose content was here already
+                await arrived(next(c for c, x in by_content.items() if x == d))
+
+    finally:
+        # A sync that ends early leaves no layer file growing that nobody finishes.
+        for r in landing.values():
+            r.abandon()
 
     for d in failed:
         log.warning("layer %s does not re-encode here; fetching its compressed bytes", d)
@@ -619,6 +626,7 @@ class _Reencoder:
         self._checked = True
         self._durable = False
         self._unsynced = 0  # bytes kept durable-to-be since the last sync
+        self._growing: Growing | None = None
         if cache is not None and rec.size <= cache.max_bytes:
             fd, self._tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
             self._tmp = os.fdopen(fd, "wb")
@@ -654,7 +662,7 @@ class _Reencoder:
         self.fed = True
         self._kept = False
         if self._tmp is not None:
-            self._tmp.write(piece)
+            self._write(piece)
             if durable:
                 self._unsynced += len(piece)
                 if self._unsynced >= SYNC_EVERY:
@@ -671,12 +679,28 @@ class _Reencoder:
         self._checked = checked
         self._durable = durable
 
+    def _write(self, piece: bytes) -> None:
+        self._tmp.write(piece)
+        # Pieces are up to a megabyte: one flush each lets a reader follow closely.
+        self._tmp.flush()
+        if self._growing is None and self._cache is not None:
+            # From its first bytes on, the OCI API serves the layer from this file as it
+            # grows (casd.oci.source); not before: an attempt may end before any.
+            self._growing = self._cache.grow(self.rec.digest, self._tmp_path, self.rec.size)
+        if self._growing is not None:
+            self._growing.size += len(piece)
+
+    def verified(self) -> None:
+        """The bytes written so far were checked to be the whole layer."""
+        if self._growing is not None:
+            self._growing.ok = True
+
     def _out(self, piece: bytes) -> None:
         if piece:
             self._sha.update(piece)
             self._size += len(piece)
             if self._tmp is not None:
-                self._tmp.write(piece)
+                self._write(piece)
 
     def finish(self) -> bool:
         if self._kept is not None:
@@ -700,7 +724,18 @@ class _Reencoder:
                 )
             else:
                 os.unlink(self._tmp_path)
+            self._grown(ok)
         return ok
+
+    def _grown(self, ok: bool) -> None:
+        if self._growing is not None and self._cache is not None:
+            self._cache.grown(self.rec.digest, self._growing, ok)
+            self._growing = None
+
+    def abandon(self) -> None:
+        """:meth:`discard`, unless :meth:`finish` or :meth:`discard` ran already."""
+        if self._tmp is not None or self._growing is not None:
+            self.discard()
 
     def discard(self) -> None:
         if self._encoder is not None and hasattr(self._encoder, "close"):
@@ -709,6 +744,7 @@ class _Reencoder:
             self._tmp.close()
             self._tmp = None
             os.unlink(self._tmp_path)
+        self._grown(False)
 
 
 def whole_is_faster(rec: LayerRecord, link: Link | None) -> bool:
@@ -745,6 +781,9 @@ def _spool_compressed(pieces: Iterator[bytes], landing: _Reencoder) -> int:
         landing.keep(piece, durable=True)
     stream.check()
     landing.kept_whole(checked=False, durable=True)
+    # Checked: a reader following the file (casd.oci.source) may have its last byte now,
+    # without waiting for the file to reach the disk and be renamed into the cache.
+    landing.verified()
     return landing.rec.uncompressed_size
 
 

@@ -70,6 +70,8 @@ class ServeConfig:
     oci_listen: tuple[str, int] | None = None
     oci_cache_bytes: int = 8 * 1024**3
     deltas: bool = True
+    # HOST:PORT of a casd the OCI API pulls through from (casd.server.mirror).
+    upstream: str | None = None
 
 
 def server_tls_context(cert: str, key: str | None) -> ssl.SSLContext:
@@ -151,6 +153,10 @@ async def serve(
             "has no tokens, so anyone could read every image; use a loopback address or "
             "--insecure"
         )
+    if config.upstream is not None and config.oci_listen is None:
+        raise ConfigError(
+            "--upstream is what the OCI pull API pulls through from: add --oci-listen"
+        )
     store = await trio.to_thread.run_sync(
         partial(DiskStore, config.data, level=config.level, params=config.chunker)
     )
@@ -193,10 +199,21 @@ async def serve(
                     from casd.oci.source import StoreSource
 
                     oci_host, oci_port = config.oci_listen
-                    oci_bound = await accept.start(
-                        serve_oci, StoreSource(store, ctx.run, cache, landings), oci_host, oci_port
+                    source = StoreSource(store, ctx.run, cache, landings)
+                    if config.upstream is not None:
+                        from casd.server.mirror import Mirror, MirrorSource, upstream_from
+
+                        # Pulls run beside the connection handlers: a shutdown gives
+                        # them the same grace.
+                        upstream = upstream_from(config.upstream)
+                        assert upstream is not None
+                        source = MirrorSource(Mirror(ctx, upstream, handlers))
+                    oci_bound = await accept.start(serve_oci, source, oci_host, oci_port)
+                    log.info(
+                        "OCI pull API at http://%s:%d/v2/%s",
+                        *oci_bound[:2],
+                        f" (pulling through from {config.upstream})" if config.upstream else "",
                     )
-                    log.info("OCI pull API at http://%s:%d/v2/", *oci_bound[:2])
                 accept.start_soon(
                     partial(
                         trio.serve_listeners,
@@ -324,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and containerd; an image named REPO:TAG is served as REPO:TAG",
     )
     s.add_argument(
+        "--upstream",
+        metavar="HOST:PORT",
+        help="with --oci-listen: an image tag a client asks for and this store lacks is "
+        "pulled from the casd at HOST:PORT as `casctl sync` would (deltas against what is "
+        "here), and served as it lands, layers as their bytes arrive; its token from "
+        "CASD_UPSTREAM_TOKEN",
+    )
+    s.add_argument(
         "--oci-cache",
         type=float,
         default=8.0,
@@ -399,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             oci_listen=parse_hostport(args.oci_listen, 5000) if args.oci_listen else None,
             oci_cache_bytes=int(args.oci_cache * 1024**3),
             deltas=not args.no_delta,
+            upstream=args.upstream,
         )
         trio.run(serve, config)
     except CasdError as exc:

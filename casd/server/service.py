@@ -27,7 +27,7 @@ from casd import __version__, zstd
 from casd import ingest as ingest_mod
 from casd.auth import Scope, TokenTable, required_scope
 from casd.blobdelta import Link
-from casd.client import VerifiedChunk, open_client
+from casd.client import Client, VerifiedChunk, open_client
 from casd.deltachoice import Choosers
 from casd.errors import (
     BlobMissing,
@@ -50,7 +50,13 @@ from casd.oci.landing import Landings
 from casd.oci.layers import LayerCache
 from casd.oci.sync import sync_with_images
 from casd.peer import PeerConnection
-from casd.replicate import Throttle, delta_counters, resolve_names, source_delta_stats
+from casd.replicate import (
+    SyncReport,
+    Throttle,
+    delta_counters,
+    resolve_names,
+    source_delta_stats,
+)
 from casd.server import ops
 from casd.storage._encode import decode_stored
 from casd.storage.interface import ChunkIn, Store, StoredChunk
@@ -874,22 +880,16 @@ class Session:
                 async with open_nursery() as first:  # one round trip for both
                     first.start_soon(counters)
                     first.start_soon(names)
-                with _foreground(self.ctx.landings):
-                    report = await sync_with_images(
-                        src,
-                        self.ctx.store,
-                        self.ctx.run,
-                        pairs,
-                        dry_run=ev.dry_run,
-                        on_progress=send_progress,
-                        cache=self.ctx.oci_cache,
-                        link=self.ctx.links.get(source) if self.ctx.deltas else None,
-                        layer_link=_fastest(self.ctx.links.get(source), kernel_rate[0]),
-                        landings=self.ctx.landings,
-                        sizes=sizes,
-                    )
-                if (link := report.link) is not None:  # for the next sync from there
-                    self.ctx.links[source] = link
+                report = await pull_images(
+                    self.ctx,
+                    src,
+                    source,
+                    pairs,
+                    sizes,
+                    kernel_rate[0],
+                    dry_run=ev.dry_run,
+                    on_progress=send_progress,
+                )
                 if src.asked_deltas:
                     after = await source_delta_stats(src)
                     report.source = {k: round(after[k] - before.get(k, 0), 4) for k in after}
@@ -1047,6 +1047,40 @@ async def handle_stream(ctx: ServerContext, stream: trio.abc.Stream) -> None:
         ctx.stats.bytes_sent += peer.bytes_sent
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await peer.aclose()
+
+
+async def pull_images(
+    ctx: ServerContext,
+    src: Client,
+    source: str,
+    pairs: list[tuple[str, str]],
+    sizes: dict[str, int],
+    kernel_rate: float,
+    *,
+    dry_run: bool = False,
+    on_progress: Callable[[dict[str, int | float | str]], Awaitable[None]] | None = None,
+) -> SyncReport:
+    """Sync ``pairs`` (name, digest) from ``src`` (at ``source``) into this server's
+    store, with what images reference: what a ``SYNC`` asks for, and what the OCI
+    pull-through (casd.server.mirror) does for a client. ``kernel_rate``: what the
+    source's kernel saw its connections here deliver (bytes/s; 0 if unknown)."""
+    with _foreground(ctx.landings):
+        report = await sync_with_images(
+            src,
+            ctx.store,
+            ctx.run,
+            pairs,
+            dry_run=dry_run,
+            on_progress=on_progress,
+            cache=ctx.oci_cache,
+            link=ctx.links.get(source) if ctx.deltas else None,
+            layer_link=_fastest(ctx.links.get(source), kernel_rate),
+            landings=ctx.landings,
+            sizes=sizes,
+        )
+    if (link := report.link) is not None:  # for the next sync from there
+        ctx.links[source] = link
+    return report
 
 
 def _foreground(landings: Landings | None) -> contextlib.AbstractContextManager[None]:

@@ -5,11 +5,14 @@ OCI layout, and every digest is compared with the upstream's."""
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import json
 import shutil
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +49,13 @@ class Casd:
         return casctl(self.daemon, *args)
 
 
-def start_casd(tmp: Path, name: str, env: dict[str, str] | None = None) -> Casd:
+def start_casd(tmp: Path, name: str, env: dict[str, str] | None = None, *extra: str) -> Casd:
     port = free_port()
     d = Daemon(
-        tmp / name, tmp / f"{name}.log", args=["--oci-listen", f"127.0.0.1:{port}"], env=env or {}
+        tmp / name,
+        tmp / f"{name}.log",
+        args=["--oci-listen", f"127.0.0.1:{port}", *extra],
+        env=env or {},
     )
     return Casd(d.start(), f"127.0.0.1:{port}")
 
@@ -574,3 +580,96 @@ def test_a_raw_layer_syncs_as_its_compressed_bytes_and_converts_on_arrival(
     assert out["layers_converted"] == 1
     info = json.loads(ok(casd_b("oci", "inspect", "lib/raw:v1-casd", "--json")).out)
     assert info["manifests"][0]["config"] == image.config_digest
+
+
+# --- pull-through: `casd serve --oci-listen ... --upstream A` ------------------------------
+
+
+def pulled_through(c: Casd) -> list[dict[str, Any]]:
+    """The reports of the pulls ``c`` made through its upstream, from its log."""
+    out = []
+    for line in c.daemon.log.read_text().splitlines():
+        if "pulled " in line and " through from " in line:
+            out.append(
+                ast.literal_eval(line[line.index(": {", line.index(" through from ")) + 2 :])
+            )
+    return out
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(
+        url, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_a_mirror_pulls_through_what_it_lacks_as_deltas_and_serves_it_as_it_lands(
+    upstream: Upstream, casd_a: Casd, tmp_path: Path
+) -> None:
+    """A client asks the mirror B for an image it lacks: B syncs it from A (the first
+    version's layers whole, the next as deltas against it) and serves it as it lands;
+    the client gets the upstream's digests."""
+    layout = tmp_path / "versions"
+    base = real_files("/usr/share/doc", 600_000, suffixes=(".gz",))
+    images = {
+        v: build_layout_python(layout, f"v{v}", [base, package_tree(v)], compresslevel=6)
+        for v in (1, 2)
+    }
+    for v in (1, 2):
+        push_layout(layout, f"v{v}", upstream.registry.host, "lib/mirrored")
+        import_(casd_a, f"{upstream.registry.host}/lib/mirrored:v{v}")
+    b = start_casd(tmp_path, "mirror", None, "--upstream", casd_a.daemon.address)
+    try:
+        for v in (1, 2):
+            dest = tmp_path / f"pulled-v{v}"
+            entry = pull_with_skopeo(b.oci, f"lib/mirrored:v{v}", dest)
+            assert entry["digest"] == images[v].manifest_digest
+            assert layout_blobs(dest) == {images[v].manifest_digest, *images[v].blobs}
+        first, second = pulled_through(b)
+        assert first["layers_streamed"] == 2  # nothing to encode against: whole
+        tars = {
+            v: [gzip.decompress(im.blob(d)) for d in im.layer_digests] for v, im in images.items()
+        }
+        v1_chunks = distinct_chunks(*tars[1])
+        lacking = [c for cid, c in distinct_chunks(*tars[2]).items() if cid not in v1_chunks]
+        print(
+            f"v2 through the mirror: {second['wire_bytes']} B on the wire, zstd of the "
+            f"chunks it lacked {zstd_of_chunks(lacking)} B"
+        )
+        assert second["wire_bytes"] <= 1.2 * zstd_of_chunks(lacking)
+        # Both are B's own now: served again without asking A (A stopped).
+        assert ok(b("stat", "lib/mirrored:v2")).code == 0
+        casd_a.daemon.stop()
+        again = pull_with_skopeo(b.oci, "lib/mirrored:v1", tmp_path / "again")
+        assert again["digest"] == images[1].manifest_digest
+        assert len(pulled_through(b)) == 2
+    finally:
+        b.daemon.stop()
+
+
+def test_a_mirror_answers_404_for_what_upstream_lacks_and_an_error_when_it_is_gone(
+    casd_a: Casd, tmp_path: Path
+) -> None:
+    b = start_casd(tmp_path, "mirror", None, "--upstream", casd_a.daemon.address)
+    try:
+        status, body = http_get(f"http://{b.oci}/v2/lib/nothing/manifests/v9")
+        assert status == 404, body
+        assert b"MANIFEST_UNKNOWN" in body or b"NAME_UNKNOWN" in body
+        casd_a.daemon.stop()
+        status, body = http_get(f"http://{b.oci}/v2/lib/nothing/manifests/v9")
+        assert status == 500, body
+        assert casd_a.daemon.address.encode() in body  # the message names the upstream
+        assert b.daemon.proc is not None
+        assert b.daemon.proc.poll() is None  # B goes on
+    finally:
+        b.daemon.stop()
+
+
+def test_upstream_without_the_oci_api_is_refused_at_start(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "x", tmp_path / "x.log", args=["--upstream", "127.0.0.1:1"])
+    with pytest.raises(RuntimeError, match="add --oci-listen"):
+        d.start()

@@ -487,3 +487,66 @@ def test_a_layer_is_made_again_here_only_by_a_deflater_and_level_that_make_the_s
     assert can_reencode_here(record(members.LIB_DEFLATE, 1))
     assert not can_reencode_here(record(members.LIB_ISAL, 3))  # another CPU, other bytes
     assert not can_reencode_here(record("zopfli (1.0)", 1))
+
+
+@pytest.mark.parametrize("ending", ["checked", "not the layer"])
+async def test_a_layer_a_sync_is_writing_is_served_as_it_grows_its_last_byte_once_checked(
+    tmp_path: Path, ending: str
+) -> None:
+    """The OCI API follows a layer's bytes into the cache as a sync writes them (a
+    pull-through client gets them as they cross); the last byte waits for the check, so
+    a client never gets a whole wrong layer."""
+    import trio
+
+    store = MemoryStore()
+    layer = bytes(range(256)) * 4000
+    encoding = {"codec": members.CODEC, "level": 2, "segment": members.SEGMENT, "lib": members.LIB}
+    rec = LayerRecord(
+        sha(layer), len(layer), media.OCI_LAYER_GZIP, sha(b"tar"), 3, encoding=encoding
+    )
+    put_bytes(store, rec.to_json(), Chunker(), media.layer_record_name(rec.digest))
+    cache = LayerCache(str(tmp_path / "cache"))
+
+    async def run(fn, *args):  # type: ignore[no-untyped-def]
+        return fn(*args)
+
+    source = StoreSource(store, run, cache)
+    assert await source.blob_size("r", rec.digest) is None  # nothing of it anywhere yet
+    tmp = tmp_path / "cache" / "tmp-growing"
+    f = tmp.open("wb")
+    g = cache.grow(rec.digest, str(tmp), len(layer))
+    assert await source.blob_size("r", rec.digest) == len(layer)
+    got: list[bytes] = []
+    failed: list[Exception] = []
+
+    async def reader() -> None:
+        try:
+            async with source.open_blob("r", rec.digest, 0, len(layer)) as pieces:
+                async for p in pieces:
+                    got.append(bytes(p))
+        except LayerError as exc:
+            failed.append(exc)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        for at in range(0, len(layer), 100_000):
+            f.write(layer[at : at + 100_000])
+            f.flush()
+            g.size += len(layer[at : at + 100_000])
+            await trio.sleep(0.02)
+            assert sum(map(len, got)) == min(g.size, len(layer) - 1)  # it follows
+        f.close()
+        await trio.sleep(0.05)
+        assert b"".join(got) == layer[:-1]  # all but the last byte, until the check
+        if ending == "checked":
+            cache.adopt(rec.digest, str(tmp))
+            cache.grown(rec.digest, g, True)
+        else:
+            cache.grown(rec.digest, g, False)
+    if ending == "checked":
+        assert b"".join(got) == layer
+        assert not failed
+    else:
+        assert len(failed) == 1
+        assert b"".join(got) == layer[:-1]
+    assert cache.growing(rec.digest) is None
