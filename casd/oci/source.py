@@ -165,19 +165,25 @@ class StoreSource:
         """("blob" | "cache" | "growing" | "reencode", size, record) or None."""
         if self.store.has_blob(digest):
             return "blob", self.store.get_recipe(digest).size, None
-        # A layer a sync is bringing now (its record is named only once it checked):
-        # served as its bytes reach the cache.
-        if self.cache is not None and (g := self.cache.growing(digest)) is not None:
-            return "growing", g.total, None
+        if self.cache is not None:
+            # The cache holds only checked copies, each a little before its record is
+            # named; a layer whose landing is due (casd.oci.landing) has no tar yet.
+            try:
+                return "cache", os.path.getsize(self.cache.path(digest)), None
+            except FileNotFoundError:
+                pass
+            # A layer a sync is bringing now (its record is named only once it checked):
+            # served as its bytes reach the cache. Once they are all there, its file is
+            # renamed into the cache before it stops growing, so a reader who finds the
+            # file gone finds it there.
+            if (g := self.cache.growing(digest)) is not None:
+                return "growing", g.total, None
         try:
             rec = read_record(self.store, digest)
         except LayerError:
             return None
         if rec is None or not rec.reencodable:
             return None
-        # The cache first: a layer whose landing is due (casd.oci.landing) has no tar yet.
-        if self.cache is not None and self.cache.has(digest):
-            return "cache", rec.size, rec
         if not self.store.has_blob(rec.uncompressed):
             return None
         return "reencode", rec.size, rec

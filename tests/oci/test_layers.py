@@ -540,6 +540,9 @@ async def test_a_layer_a_sync_is_writing_is_served_as_it_grows_its_last_byte_onc
         assert b"".join(got) == layer[:-1]  # all but the last byte, until the check
         if ending == "checked":
             cache.adopt(rec.digest, str(tmp))
+            # Renamed into the cache, not yet ended: a new reader finds it there.
+            async with source.open_blob("r", rec.digest, 0, len(layer)) as pieces:
+                assert b"".join([bytes(p) async for p in pieces]) == layer
             cache.grown(rec.digest, g, True)
         else:
             cache.grown(rec.digest, g, False)
