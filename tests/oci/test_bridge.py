@@ -269,23 +269,36 @@ def distinct_chunks(*tars: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def test_versions_share_chunks_at_rest_and_sync_as_deltas(
-    upstream: Upstream, casd_a: Casd, casd_b: Casd, tmp_path: Path
-) -> None:
-    layout = tmp_path / "versions"
+def two_versions(layout: Path, registry: str, repo: str) -> dict[int, LayoutImage]:
+    """v1 and v2 of an app image (a base layer, and a package tree with three packages
+    changed), pushed to ``registry`` as REPO:v1 and REPO:v2."""
     base = real_files("/usr/share/doc", 600_000, suffixes=(".gz",))
     images = {
         v: build_layout_python(layout, f"v{v}", [base, package_tree(v)], compresslevel=6)
         for v in (1, 2)
     }
     for v in (1, 2):
-        push_layout(layout, f"v{v}", upstream.registry.host, "lib/pyapp")
+        push_layout(layout, f"v{v}", registry, repo)
+    return images
+
+
+def lacking_after_v1(images: dict[int, LayoutImage]) -> tuple[dict[int, list[bytes]], list[bytes]]:
+    """The versions' tars, and the chunks of v2's that v1's lack."""
+    tars = {v: [gzip.decompress(im.blob(d)) for d in im.layer_digests] for v, im in images.items()}
+    v1_chunks = distinct_chunks(*tars[1])
+    return tars, [c for cid, c in distinct_chunks(*tars[2]).items() if cid not in v1_chunks]
+
+
+def test_versions_share_chunks_at_rest_and_sync_as_deltas(
+    upstream: Upstream, casd_a: Casd, casd_b: Casd, tmp_path: Path
+) -> None:
+    images = two_versions(tmp_path / "versions", upstream.registry.host, "lib/pyapp")
     a_before = json.loads(ok(casd_a("stats", "--json")).out)["store_stored_bytes"]
     for v in (1, 2):
         import_(casd_a, f"{upstream.registry.host}/lib/pyapp:v{v}")
     stored = json.loads(ok(casd_a("stats", "--json")).out)["store_stored_bytes"] - a_before
 
-    tars = {v: [gzip.decompress(im.blob(d)) for d in im.layer_digests] for v, im in images.items()}
+    tars, lacking = lacking_after_v1(images)
     unique = distinct_chunks(*tars[1], *tars[2])
     # Every distinct chunk once, each zstd'd as the store does: shared files are not
     # stored twice, and no compressed copy of a layer is kept.
@@ -304,8 +317,6 @@ def test_versions_share_chunks_at_rest_and_sync_as_deltas(
     assert first["layers_streamed"] == 2
     layers = sum(images[1].layer_sizes)
     assert layers <= first["layer_stream_bytes"] <= layers * 1.02 + 40_000
-    v1_chunks = distinct_chunks(*tars[1])
-    lacking = [c for cid, c in distinct_chunks(*tars[2]).items() if cid not in v1_chunks]
     r = sync_(casd_a, casd_b, "lib/pyapp:v2")
     plain = sum(images[2].layer_sizes)
     print(
@@ -613,14 +624,8 @@ def test_a_mirror_pulls_through_what_it_lacks_as_deltas_and_serves_it_as_it_land
     """A client asks the mirror B for an image it lacks: B syncs it from A (the first
     version's layers whole, the next as deltas against it) and serves it as it lands;
     the client gets the upstream's digests."""
-    layout = tmp_path / "versions"
-    base = real_files("/usr/share/doc", 600_000, suffixes=(".gz",))
-    images = {
-        v: build_layout_python(layout, f"v{v}", [base, package_tree(v)], compresslevel=6)
-        for v in (1, 2)
-    }
+    images = two_versions(tmp_path / "versions", upstream.registry.host, "lib/mirrored")
     for v in (1, 2):
-        push_layout(layout, f"v{v}", upstream.registry.host, "lib/mirrored")
         import_(casd_a, f"{upstream.registry.host}/lib/mirrored:v{v}")
     b = start_casd(tmp_path, "mirror", None, "--upstream", casd_a.daemon.address)
     try:
@@ -631,11 +636,7 @@ def test_a_mirror_pulls_through_what_it_lacks_as_deltas_and_serves_it_as_it_land
             assert layout_blobs(dest) == {images[v].manifest_digest, *images[v].blobs}
         first, second = pulled_through(b)
         assert first["layers_streamed"] == 2  # nothing to encode against: whole
-        tars = {
-            v: [gzip.decompress(im.blob(d)) for d in im.layer_digests] for v, im in images.items()
-        }
-        v1_chunks = distinct_chunks(*tars[1])
-        lacking = [c for cid, c in distinct_chunks(*tars[2]).items() if cid not in v1_chunks]
+        _, lacking = lacking_after_v1(images)
         print(
             f"v2 through the mirror: {second['wire_bytes']} B on the wire, zstd of the "
             f"chunks it lacked {zstd_of_chunks(lacking)} B"
