@@ -63,7 +63,6 @@ class Mirror:
         self.upstream = upstream
         self._nursery = nursery
         self._pulls: dict[str, _Pull] = {}
-        self.pulls_started = 0
 
     @property
     def busy(self) -> bool:
@@ -74,7 +73,6 @@ class Mirror:
         p = self._pulls.get(name)
         if p is None:
             p = self._pulls[name] = _Pull(name)
-            self.pulls_started += 1
             self._nursery.start_soon(self._run, p)
         return p
 
