@@ -117,6 +117,19 @@ class TransferResult:
     chunks_delta: int = 0  # transferred chunks that came as deltas against a seed
 
 
+@dataclass(frozen=True, slots=True)
+class Inlined:
+    """A RECIPE_INLINE as it came (SPEC §4.1): the recipe, whose inlined entries have the id
+    casproto.INLINE_ID, the largest chunk asked to be inlined, whether the server encoded
+    them against the base, and their bytes as one frame (casd.recipeinline decodes it)."""
+
+    recipe: casproto.Recipe
+    limit: int
+    against_base: bool
+    inline_sum: int
+    frame: bytes | bytearray | memoryview
+
+
 class Client:
     """A connected, handshaken client. Make one with :func:`open_client`."""
 
@@ -554,20 +567,49 @@ class Client:
         send the recipe encoded against those (PULL_DELTA): the entries both versions
         share cost next to nothing, only new ids cross.
         """
+        got = await self._fetch_recipe(ref, base, 0)
+        assert isinstance(got, casproto.Recipe)
+        return got
+
+    async def fetch_recipe_inline(
+        self, ref: str, base: tuple[str, bytes], limit: int, rate: int
+    ) -> casproto.Recipe | Inlined:
+        """As :meth:`fetch_recipe` with a base, asking for the bytes of the recipe's
+        small new chunks (at most ``limit`` bytes) instead of their ids, encoded against
+        the base's where over a link of ``rate`` bytes/s that pays (0: never; PULL_INLINE,
+        SPEC §4.1): the answer is then :class:`Inlined`, for casd.recipeinline to decode.
+        A plain Recipe where the server sent one (it lacks the feature or the base, or
+        had nothing to inline)."""
+        if casproto.INLINE_FEATURE not in self.features:
+            return await self.fetch_recipe(ref, base)
+        return await self._fetch_recipe(ref, base, limit, rate)
+
+    async def _fetch_recipe(
+        self, ref: str, base: tuple[str, bytes] | None, inline: int, rate: int = 0
+    ) -> casproto.Recipe | Inlined:
         rid, recv = self._open()
         ids: list[bytes] = []
         sizes: list[int] = []
         try:
             if base is not None and casproto.RECIPE_FEATURE in self.features:
                 base_sum = xxhash.xxh3_64_intdigest(base[1])
-                await self.peer.send(casproto.PullDelta(rid, ref, base[0], base_sum))
+                if inline:
+                    await self.peer.send(
+                        casproto.PullInline(rid, ref, base[0], base_sum, inline, rate)
+                    )
+                else:
+                    await self.peer.send(casproto.PullDelta(rid, ref, base[0], base_sum))
             else:
                 await self.peer.send(casproto.Pull(rid, ref))
             while True:
                 part = await self._reply(recv)
-                if isinstance(part, casproto.RecipeDelta):
+                if isinstance(part, casproto.RecipeDelta | casproto.RecipeInline):
                     assert base is not None
-                    return self._decode_recipe(part, base[1])
+                    recipe = self._decode_recipe(part, base[1])
+                    if isinstance(part, casproto.RecipeDelta):
+                        return recipe
+                    limit = casproto.inline_limit(inline)
+                    return Inlined(recipe, limit, part.against_base, part.inline_sum, part.inline)
                 # Sizes bound what decoding a chunk may allocate: a server that claims
                 # chunks beyond the protocol's limit is lying (a decompression bomb).
                 if part.sizes and max(part.sizes) > MAX_CHUNK_SIZE:
@@ -587,7 +629,9 @@ class Client:
             f"{MAX_CHUNK_SIZE} bytes and a blob has at most one per byte"
         )
 
-    def _decode_recipe(self, part: casproto.RecipeDelta, prefix: bytes) -> casproto.Recipe:
+    def _decode_recipe(
+        self, part: casproto.RecipeDelta | casproto.RecipeInline, prefix: bytes
+    ) -> casproto.Recipe:
         # The count is checked before anything is decoded: a blob has at most one chunk
         # per byte, so a lying count cannot make us allocate more than its size would.
         if part.count > max(part.size, 1) or part.count > MAX_RECIPE_ENTRIES:
@@ -1389,6 +1433,7 @@ FEATURES = (
     casproto.PREFIX_FEATURE,
     casproto.PACK_FEATURE,
     casproto.RECIPE_FEATURE,
+    casproto.INLINE_FEATURE,
     casproto.WANT_AT_FEATURE,
 )
 

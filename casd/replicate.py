@@ -29,15 +29,17 @@ from typing import Any
 import casproto
 import trio
 
-from casd import blobdelta, chunkdelta
+from casd import blobdelta, chunkdelta, recipeinline
 from casd.chunking import Chunker, format_digest
-from casd.client import Client, VerifiedChunk, first_chunk_of
+from casd.client import Client, Inlined, VerifiedChunk, first_chunk_of
 from casd.errors import (
     BlobMissing,
     CasdError,
     ChunkCorrupt,
+    ChunkMissing,
     DigestMismatch,
     NoSpace,
+    PeerError,
     PeerRefused,
     StoreError,
     UserError,
@@ -109,6 +111,12 @@ class SyncReport:
     chunk_delta_raw: int = 0
     chunk_delta_fallbacks: int = 0
     delta_choice: str = ""
+    # Small new chunks whose bytes came in the recipe instead of their ids (RECIPE_INLINE,
+    # casd.recipeinline): how many, their size, and the frame that carried them.
+    chunks_inlined: int = 0
+    inline_raw_bytes: int = 0
+    inline_wire_bytes: int = 0
+    inline_fallbacks: int = 0  # answers whose bytes did not decode against our base
     # Layers that came as their compressed bytes (no old version to encode against), and
     # the wire bytes they took.
     layers_streamed: int = 0
@@ -163,6 +171,10 @@ class SyncReport:
             "chunk_delta_raw": self.chunk_delta_raw,
             "chunk_delta_fallbacks": self.chunk_delta_fallbacks,
             "delta_choice": self.delta_choice,
+            "chunks_inlined": self.chunks_inlined,
+            "inline_raw_bytes": self.inline_raw_bytes,
+            "inline_wire_bytes": self.inline_wire_bytes,
+            "inline_fallbacks": self.inline_fallbacks,
             "layers_streamed": self.layers_streamed,
             "layer_stream_bytes": self.layer_stream_bytes,
             "layers_whole": self.layers_whole,
@@ -496,14 +508,38 @@ async def sync_into_store(
         # layer records cost one round trip, not one each.
         got: dict[str, casproto.Recipe] = {}
 
-        async def one(digest: str) -> None:
+        async def recipe_of(digest: str) -> casproto.Recipe:
             # The old version's recipe, where this side holds one: the new recipe then
-            # comes encoded against it, and the ids both share cost next to nothing.
+            # comes encoded against it, and the ids both share cost next to nothing; the
+            # small new chunks (new tar headers) come in it as bytes, not ids, encoded
+            # against the old version's where deltas are allowed and, over the link as
+            # an earlier sync measured it, that pays.
             base = base_of.get(digest)
-            entries = await run(_recipe_entries, store, base) if base else None
-            ask = (base, entries) if base and entries is not None else None
+            old = await run(_held_recipe, store, base) if base else None
+            if old is None:
+                return await src.fetch_recipe(digest)
+            ask = (old.digest, casproto.pack_entries(old.ids, old.sizes))
+            rate = int(link.rate) if link is not None and src.allow_deltas else 0
+            got = await src.fetch_recipe_inline(digest, ask, recipeinline.ASK, rate)
+            if isinstance(got, casproto.Recipe):
+                return got
+            try:
+                recipe: casproto.Recipe = await run(_store_inlined, store, got, old, report)
+                return recipe
+            except (recipeinline.InlineMismatch, ChunkMissing, ChunkCorrupt) as exc:
+                # Our copy of the base reads otherwise than the source's (damage the store
+                # did or did not notice): the chunks come the ordinary way, checked each.
+                log.warning("%s: %s; fetching the recipe again without them", digest, exc)
+                report.inline_fallbacks += 1
+                return await src.fetch_recipe(digest, ask)
+            except ValueError as exc:
+                raise PeerError(
+                    f"{src.peer.ident} sent inlined chunks that break the protocol: {exc}"
+                ) from None
+
+        async def one(digest: str) -> None:
             if digest not in single:
-                got[digest] = await src.fetch_recipe(digest, ask)
+                got[digest] = await recipe_of(digest)
                 return
 
             async def first() -> None:
@@ -511,7 +547,7 @@ async def sync_into_store(
 
             async with open_nursery() as both:
                 both.start_soon(first)
-                got[digest] = await src.fetch_recipe(digest, ask)
+                got[digest] = await recipe_of(digest)
 
         async with recipes_in:
             for i in range(0, len(to_fetch), RECIPE_PREFETCH):
@@ -726,13 +762,31 @@ def _old_version(
     return None if old == digest else old
 
 
-def _recipe_entries(store: Store, digest: str) -> bytes | None:
-    """The entries of ``digest``'s recipe as a recipe delta's prefix, if it is held."""
+def _held_recipe(store: Store, digest: str) -> Recipe | None:
+    """``digest``'s recipe, if it is held: a recipe delta's base."""
     try:
-        recipe = store.get_recipe(digest)
+        return store.get_recipe(digest)
     except BlobMissing:
         return None
-    return casproto.pack_entries(recipe.ids, recipe.sizes)
+
+
+def _store_inlined(store: Store, got: Inlined, base: Recipe, report: SyncReport) -> casproto.Recipe:
+    """The recipe of a RECIPE_INLINE, its inlined chunks decoded against ``base`` and
+    stored (their ids are their hashes, computed here). Worker thread.
+
+    Raises:
+        InlineMismatch, ValueError: as recipeinline.decode; nothing was stored.
+        NoSpace, StoreError: the store failed.
+    """
+    r = got.recipe
+    ids, chunks = recipeinline.decode(
+        store, r.ids, r.sizes, base, got.limit, got.against_base, got.inline_sum, got.frame
+    )
+    store.put_chunks([ChunkIn(cid, data) for cid, data in chunks], verify=False)
+    report.chunks_inlined += len(chunks)
+    report.inline_raw_bytes += sum(len(d) for _, d in chunks)
+    report.inline_wire_bytes += len(got.frame)
+    return casproto.Recipe(0, r.digest, r.size, ids, r.sizes, True)
 
 
 #: Chunks of the old version whose stored size _chunk_wire looks up, at most (about).

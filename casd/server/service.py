@@ -23,7 +23,7 @@ import trio
 import xxhash
 from casproto import ErrorCode
 
-from casd import __version__, zstd
+from casd import __version__, recipeinline, zstd
 from casd import ingest as ingest_mod
 from casd.auth import Scope, TokenTable, required_scope
 from casd.blobdelta import Link
@@ -103,6 +103,7 @@ FEATURES = frozenset(
         casproto.PREFIX_FEATURE,
         casproto.PACK_FEATURE,
         casproto.RECIPE_FEATURE,
+        casproto.INLINE_FEATURE,
         casproto.WANT_AT_FEATURE,
     }
 )
@@ -144,6 +145,11 @@ class ServerStats:
     chunks_received: int = 0
     chunks_sent: int = 0
     recipe_deltas: int = 0  # recipes sent encoded against the client's older version
+    recipe_inlines: int = 0  # ... with their small new chunks' bytes instead of ids
+    inlined_chunks: int = 0
+    inlined_raw_bytes: int = 0
+    inlined_wire_bytes: int = 0
+    inlined_against_base: int = 0  # ... of those recipes, encoded against the old version
     # Whole-blob deltas streamed (blob.delta): how many, their bytes, the blobs' size,
     # and the thread CPU seconds encoding took.
     blob_deltas: int = 0
@@ -201,22 +207,57 @@ class ServerContext:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
 
-def _recipe_delta(store: Store, recipe: Any, base: str, base_sum: int) -> bytes | None:
-    """``recipe``'s entries as one zstd frame with the entries of ``base``'s recipe as
-    prefix (RECIPE_DELTA, SPEC §4.1), or None to send it plain: this store lacks
-    ``base``, holds it cut otherwise than the client (its checksum differs), or the frame
-    would not fit one frame. Worker thread."""
+def _base_recipe(store: Store, base: str, base_sum: int) -> Any:
+    """The recipe of ``base`` as the client holds it, or None: this store lacks ``base``
+    or holds it cut otherwise than the client (the checksum of its entries differs)."""
     try:
         old = store.get_recipe(base)
     except (BlobMissing, InvalidRef):
         return None
-    prefix = casproto.pack_entries(old.ids, old.sizes)
-    if xxhash.xxh3_64_intdigest(prefix) != base_sum:
+    if xxhash.xxh3_64_intdigest(casproto.pack_entries(old.ids, old.sizes)) != base_sum:
         return None
-    data = zstd.compress_with_prefix(
-        casproto.pack_entries(recipe.ids, recipe.sizes), prefix, RECIPE_DELTA_LEVEL
-    )
+    return old
+
+
+def _recipe_delta(
+    store: Store, recipe: Any, old: Any, entries: bytes | None = None
+) -> bytes | None:
+    """``recipe``'s entries (or ``entries``, RECIPE_INLINE's) as one zstd frame with the
+    entries of the client's older version ``old`` as prefix (RECIPE_DELTA, SPEC §4.1), or
+    None to send it plain: the frame would not fit one frame. Worker thread."""
+    prefix = casproto.pack_entries(old.ids, old.sizes)
+    if entries is None:
+        entries = casproto.pack_entries(recipe.ids, recipe.sizes)
+    data = zstd.compress_with_prefix(entries, prefix, RECIPE_DELTA_LEVEL)
     return data if len(data) <= RECIPE_DELTA_MAX else None
+
+
+def _recipe_answer(
+    store: Store, ev: casproto.Pull | casproto.PullDelta | casproto.PullInline
+) -> tuple[Any, bytes | None, recipeinline.Encoded | None]:
+    """The recipe PULL asks for, its RECIPE_DELTA frame (or None to send it plain), and
+    for PULL_INLINE what RECIPE_INLINE carries besides (or None to answer as PULL_DELTA).
+    Worker thread."""
+    r = store.get_recipe(store.resolve(ev.ref))
+    if isinstance(ev, casproto.Pull):
+        return r, None, None
+    old = _base_recipe(store, ev.base, ev.base_sum)
+    if old is None:
+        return r, None, None
+    if isinstance(ev, casproto.PullInline) and ev.inline > 0:
+        limit = casproto.inline_limit(ev.inline)
+        try:
+            inl = recipeinline.encode(store, r, old, limit, ev.rate)
+        except (ChunkMissing, ChunkCorrupt) as exc:
+            # The ids still serve: the client asks for the chunks, and learns of the
+            # damage where it matters, for the chunk it needs.
+            log.warning("%s: cannot inline its small chunks (%s); sending ids", r.digest, exc)
+            inl = None
+        if inl is not None:
+            delta = _recipe_delta(store, r, old, inl.entries)
+            if delta is not None and len(delta) + len(inl.frame) <= RECIPE_DELTA_MAX:
+                return r, delta, inl
+    return r, _recipe_delta(store, r, old), None
 
 
 def _ids_at(recipe: Any, ev: casproto.WantAt) -> tuple[bytes, ...]:
@@ -416,6 +457,7 @@ class Session:
             casproto.Stats: self._stats,
             casproto.Pull: self._pull,
             casproto.PullDelta: self._pull,
+            casproto.PullInline: self._pull,
             casproto.Sync: self._sync,
             casproto.Fsck: self._fsck,
             casproto.Call: self._call,
@@ -569,6 +611,11 @@ class Session:
             "packs_sent": s.packs_sent,
             "packed_chunks_sent": s.packed_chunks_sent,
             "recipe_deltas": s.recipe_deltas,
+            "recipe_inlines": s.recipe_inlines,
+            "inlined_chunks": s.inlined_chunks,
+            "inlined_raw_bytes": s.inlined_raw_bytes,
+            "inlined_wire_bytes": s.inlined_wire_bytes,
+            "inlined_against_base": s.inlined_against_base,
             "blob_deltas": s.blob_deltas,
             "blob_delta_bytes": s.blob_delta_bytes,
             "blob_delta_target_bytes": s.blob_delta_target_bytes,
@@ -602,19 +649,31 @@ class Session:
 
     # --- pull: recipe, then chunks on demand -----------------------------------------
 
-    async def _pull(self, ev: casproto.Pull | casproto.PullDelta) -> None:
+    async def _pull(self, ev: casproto.Pull | casproto.PullDelta | casproto.PullInline) -> None:
         if self.ctx.landings is not None:
             await self.ctx.landings.wait_for([ev.ref])
-        store = self.ctx.store
-
-        def recipe() -> tuple[Any, bytes | None]:
-            r = store.get_recipe(store.resolve(ev.ref))
-            if not isinstance(ev, casproto.PullDelta):
-                return r, None
-            return r, _recipe_delta(store, r, ev.base, ev.base_sum)
-
-        r, delta = await self.ctx.run(recipe)
+        r, delta, inl = await self.ctx.run(_recipe_answer, self.ctx.store, ev)
         self.ctx.stats.pulls += 1
+        if inl is not None:
+            assert delta is not None
+            self.ctx.stats.recipe_inlines += 1
+            self.ctx.stats.inlined_chunks += inl.chunks
+            self.ctx.stats.inlined_raw_bytes += inl.raw
+            self.ctx.stats.inlined_wire_bytes += len(inl.frame)
+            self.ctx.stats.inlined_against_base += inl.against_base
+            await self.peer.send(
+                casproto.RecipeInline(
+                    ev.rid,
+                    r.digest,
+                    r.size,
+                    len(r.ids),
+                    delta,
+                    inl.inline_sum,
+                    inl.frame,
+                    inl.against_base,
+                )
+            )
+            return
         if delta is not None:
             self.ctx.stats.recipe_deltas += 1
             await self.peer.send(casproto.RecipeDelta(ev.rid, r.digest, r.size, len(r.ids), delta))

@@ -12,7 +12,17 @@ from ._bitmap import pack_bitmap, unpack_bitmap
 from ._codec import MAX_BASES, FrameDecoder, decode_body, encode_message
 from ._connection import CLOSED, NEED_DATA, Connection, Event
 from ._constants import ID_SIZE, MAX_BATCH, MAX_CHUNK_SIZE, MAX_FRAME, PROTOCOL_VERSION
-from ._entries import ENTRY_SIZE, pack_entries, unpack_entries
+from ._entries import (
+    ENTRY_SIZE,
+    INLINE_ID,
+    MAX_INLINE,
+    MAX_INLINE_BYTES,
+    inline_limit,
+    inline_prefix,
+    inlined_places,
+    pack_entries,
+    unpack_entries,
+)
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._messages import (
     MESSAGE_CLASSES,
@@ -38,6 +48,7 @@ from ._messages import (
     Ok,
     Pull,
     PullDelta,
+    PullInline,
     PushBegin,
     PushDone,
     PushEnd,
@@ -45,6 +56,7 @@ from ._messages import (
     PushWant,
     Recipe,
     RecipeDelta,
+    RecipeInline,
     Stat,
     Stats,
     StatsResult,
@@ -60,6 +72,7 @@ from ._messages import (
 )
 from ._names import is_valid_digest, is_valid_name
 from ._state import (
+    INLINE_FEATURE,
     PACK_FEATURE,
     PREFIX_FEATURE,
     RECIPE_FEATURE,
@@ -73,10 +86,14 @@ __all__ = [
     "CLOSED",
     "ENTRY_SIZE",
     "ID_SIZE",
+    "INLINE_FEATURE",
+    "INLINE_ID",
     "MAX_BASES",
     "MAX_BATCH",
     "MAX_CHUNK_SIZE",
     "MAX_FRAME",
+    "MAX_INLINE",
+    "MAX_INLINE_BYTES",
     "MESSAGE_CLASSES",
     "NEED_DATA",
     "PACK_FEATURE",
@@ -114,6 +131,7 @@ __all__ = [
     "ProtocolError",
     "Pull",
     "PullDelta",
+    "PullInline",
     "PushBegin",
     "PushDone",
     "PushEnd",
@@ -121,6 +139,7 @@ __all__ = [
     "PushWant",
     "Recipe",
     "RecipeDelta",
+    "RecipeInline",
     "RemoteProtocolError",
     "Role",
     "Stat",
@@ -137,6 +156,9 @@ __all__ = [
     "Welcome",
     "decode_body",
     "encode_message",
+    "inline_limit",
+    "inline_prefix",
+    "inlined_places",
     "is_valid_digest",
     "is_valid_name",
     "pack_bitmap",

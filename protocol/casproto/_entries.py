@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Final
 
 from ._constants import ID_SIZE
 
@@ -61,3 +62,58 @@ def unpack_entries(data: bytes, count: int) -> tuple[tuple[bytes, ...], tuple[in
     view = memoryview(data)
     ids = tuple(bytes(view[i : i + ID_SIZE]) for i in range(0, cut, ID_SIZE))
     return ids, tuple(_sizes_array(data[cut:]))
+
+
+#: RECIPE_INLINE carries chunks of at most this many bytes inline, whatever PULL_INLINE
+#: asks (SPEC §4.1). Beyond it an id (36 bytes with its size) is under 0.06 % of the
+#: chunk, and the chunk may be one the receiver holds from another blob.
+MAX_INLINE: Final = 64 * 1024
+#: The most bytes one RECIPE_INLINE carries inline, and the most its frame's prefix holds:
+#: a receiver holds both in memory while it decodes.
+MAX_INLINE_BYTES: Final = 64 * 1024 * 1024
+#: The id an inlined entry has in RECIPE_INLINE's entries: no BLAKE3 output is all zeros
+#: as far as anyone will ever find.
+INLINE_ID: Final = bytes(ID_SIZE)
+
+
+def inline_limit(asked: int) -> int:
+    """The largest chunk a PULL_INLINE asking for ``asked`` gets inline."""
+    return min(asked, MAX_INLINE)
+
+
+def inlined_places(
+    ids: Sequence[bytes], sizes: Sequence[int], base_ids: Iterable[bytes], limit: int
+) -> list[int]:
+    """Places of the entries a RECIPE_INLINE carries inline (SPEC §4.1): every entry whose
+    chunk is at most ``limit`` bytes and is not one of base's. Repeats are inlined again
+    (zstd makes a repeat a match of a few bytes)."""
+    base = set(base_ids)
+    return [
+        i for i, (c, s) in enumerate(zip(ids, sizes, strict=True)) if s <= limit and c not in base
+    ]
+
+
+def inline_prefix(
+    base_ids: Sequence[bytes], base_sizes: Sequence[int], ids: Iterable[bytes], limit: int
+) -> list[bytes]:
+    """The chunks of base, in order, whose bytes concatenated are the prefix of
+    RECIPE_INLINE's frame (SPEC §4.1): the first entry of each distinct id of at most
+    ``limit`` bytes that the new recipe (``ids``, inlined entries included or not) lacks,
+    i.e. what the new version replaced; taken in base's order until the next would bring
+    the total over MAX_INLINE_BYTES.
+
+    The new recipe's inlined entries are not base's, so the two ends, one of which knows
+    their ids and one of which does not, choose the same chunks."""
+    kept = set(ids)
+    seen: set[bytes] = set()
+    out: list[bytes] = []
+    total = 0
+    for c, s in zip(base_ids, base_sizes, strict=True):
+        if s > limit or c in kept or c in seen:
+            continue
+        if total + s > MAX_INLINE_BYTES:
+            break
+        seen.add(c)
+        out.append(c)
+        total += s
+    return out

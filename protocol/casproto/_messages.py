@@ -327,6 +327,39 @@ class RecipeDelta(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PullInline(Message):
+    """C→S: PULL_DELTA from a client that would rather take the bytes of the new recipe's
+    small new chunks (at most ``inline`` bytes each, capped at MAX_INLINE) in the answer
+    than their ids (SPEC §4.1). ``rate``: the link's rate as the client measured it
+    (bytes/s), by which the server judges whether to encode them against base's chunks;
+    0: never. Answered by one RECIPE_INLINE, or as PULL_DELTA is. Needs "recipe-inline"."""
+
+    TYPE: ClassVar[int] = 47
+    ref: str
+    base: str
+    base_sum: int
+    inline: int
+    rate: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecipeInline(Message):
+    """S→C: RECIPE_DELTA whose entries have 32 zero bytes for the id of each inlined
+    chunk, and those chunks' bytes, in recipe order, as ``inline``: one zstd frame, with
+    base's small chunks as raw prefix if ``against_base``; ``inline_sum`` is the xxh3-64
+    of those bytes. Terminal."""
+
+    TYPE: ClassVar[int] = 48
+    digest: str
+    size: int
+    count: int
+    data: bytes | bytearray | memoryview
+    inline_sum: int
+    inline: bytes | bytearray | memoryview
+    against_base: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Want(Message):
     """C→S: send these chunks. Answered by exactly `len(ids)` CHUNK frames, in order."""
 
@@ -484,6 +517,8 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     Recipe,
     PullDelta,
     RecipeDelta,
+    PullInline,
+    RecipeInline,
     Want,
     WantDelta,
     WantAt,

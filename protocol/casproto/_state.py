@@ -44,6 +44,7 @@ from ._messages import (
     Ok,
     Pull,
     PullDelta,
+    PullInline,
     PushBegin,
     PushDone,
     PushEnd,
@@ -51,6 +52,7 @@ from ._messages import (
     PushWant,
     Recipe,
     RecipeDelta,
+    RecipeInline,
     Stat,
     Stats,
     StatsResult,
@@ -73,6 +75,8 @@ PREFIX_FEATURE: Final = "zstd-prefix"
 PACK_FEATURE: Final = "chunk-packs"
 #: Feature: PULL_DELTA and RECIPE_DELTA (a recipe encoded against an older one).
 RECIPE_FEATURE: Final = "recipe-delta"
+#: Feature: PULL_INLINE and RECIPE_INLINE (small new chunks' bytes instead of their ids).
+INLINE_FEATURE: Final = "recipe-inline"
 #: Feature: WANT_AT (chunks named by their places in a recipe, SPEC §4.1).
 WANT_AT_FEATURE: Final = "want-at"
 
@@ -122,6 +126,7 @@ _FOLLOW_UPS: Final[
     Stats: (frozenset(), frozenset({StatsResult})),
     Pull: (frozenset(), frozenset({Recipe})),
     PullDelta: (frozenset(), frozenset({Recipe, RecipeDelta})),
+    PullInline: (frozenset(), frozenset({Recipe, RecipeDelta, RecipeInline})),
     Want: (frozenset(), frozenset({Chunk, ChunkPack})),
     WantDelta: (frozenset(), frozenset({Chunk, ChunkPack})),
     WantAt: (frozenset(), frozenset({Chunk, ChunkPack})),
@@ -178,7 +183,7 @@ class _PullRequest(_Request):
     __slots__ = ()
 
     def from_server(self, message: Message) -> bool:
-        if isinstance(message, RecipeDelta):
+        if isinstance(message, RecipeDelta | RecipeInline):
             return True
         assert isinstance(message, Recipe)
         return message.last
@@ -329,6 +334,7 @@ _STARTS: Final[dict[type[Message], type[_Request]]] = {
     Stats: _Request,
     Pull: _PullRequest,
     PullDelta: _PullRequest,
+    PullInline: _PullRequest,
     Want: _WantRequest,
     WantDelta: _WantRequest,
     WantAt: _WantAtRequest,
@@ -419,6 +425,8 @@ class ConversationState:
             raise _unexpected(f"WANT_AT but {WANT_AT_FEATURE!r} was not negotiated")
         if isinstance(message, PullDelta) and RECIPE_FEATURE not in self.features:
             raise _unexpected(f"PULL_DELTA but {RECIPE_FEATURE!r} was not negotiated")
+        if isinstance(message, PullInline) and INLINE_FEATURE not in self.features:
+            raise _unexpected(f"PULL_INLINE but {INLINE_FEATURE!r} was not negotiated")
         if isinstance(message, ChunkDelta) and PREFIX_FEATURE not in self.features:
             raise _unexpected(f"CHUNK_DELTA but {PREFIX_FEATURE!r} was not negotiated")
         if sender is Role.CLIENT:

@@ -60,6 +60,8 @@ async def sync_new(old_on_dst: bytes, *, features: frozenset[str] | None = None)
 async def test_a_new_version_s_recipe_comes_encoded_against_the_old_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # PULL_DELTA alone: with PULL_INLINE these small chunks would come in the recipe.
+    monkeypatch.setattr(service, "FEATURES", service.FEATURES - {casproto.INLINE_FEATURE})
     old, _ = versions()
     report, stats = await sync_new(old)
     assert stats["recipe_deltas"] == 1

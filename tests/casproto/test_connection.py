@@ -34,6 +34,7 @@ from casproto import (
     Ok,
     Pull,
     PullDelta,
+    PullInline,
     PushBegin,
     PushDone,
     PushEnd,
@@ -41,6 +42,7 @@ from casproto import (
     PushWant,
     Recipe,
     RecipeDelta,
+    RecipeInline,
     RemoteProtocolError,
     Role,
     Stat,
@@ -898,6 +900,33 @@ def test_recipe_delta_answers_only_pull_delta() -> None:
 def test_pull_delta_needs_the_feature(pair: ConnectionPair) -> None:
     with pytest.raises(LocalProtocolError, match="recipe-delta"):
         pair.client.send(PullDelta(5, "x", EMPTY_DIGEST, 7))
+
+
+def test_pull_inline_is_answered_by_one_recipe_inline_or_as_pull_delta() -> None:
+    p = ConnectionPair()
+    p.handshake(("recipe-delta", "recipe-inline"))
+    p.exchange(p.client, PullInline(5, "x", EMPTY_DIGEST, 7, 16384, 0))
+    p.exchange(p.server, RecipeInline(5, EMPTY_DIGEST, 0, 0, b"(entries)", 9, b"(frame)", False))
+    assert not p.client.open_requests
+    p.exchange(p.client, PullInline(6, "x", EMPTY_DIGEST, 7, 16384, 0))
+    p.exchange(p.server, RecipeDelta(6, EMPTY_DIGEST, 0, 0, b"(frame)"))
+    p.exchange(p.client, PullInline(7, "x", EMPTY_DIGEST, 7, 16384, 0))
+    p.exchange(p.server, Recipe(7, EMPTY_DIGEST, 0, (), (), True))
+    assert not p.client.open_requests
+
+
+def test_recipe_inline_answers_only_pull_inline() -> None:
+    p = ConnectionPair()
+    p.handshake(("recipe-delta", "recipe-inline"))
+    p.exchange(p.client, PullDelta(5, "x", EMPTY_DIGEST, 7))
+    assert_forbidden(p, p.server, RecipeInline(5, EMPTY_DIGEST, 0, 0, b"", 0, b"", False))
+
+
+def test_pull_inline_needs_the_feature() -> None:
+    p = ConnectionPair()
+    p.handshake(("recipe-delta",))
+    with pytest.raises(LocalProtocolError, match="recipe-inline"):
+        p.client.send(PullInline(5, "x", EMPTY_DIGEST, 7, 16384, 0))
 
 
 # --- chunk packs (SPEC §4.1) ---------------------------------------------------------

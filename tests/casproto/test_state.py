@@ -32,6 +32,7 @@ from casproto import (
     Ok,
     Pull,
     PullDelta,
+    PullInline,
     PushBegin,
     PushDone,
     PushEnd,
@@ -39,6 +40,7 @@ from casproto import (
     PushWant,
     Recipe,
     RecipeDelta,
+    RecipeInline,
     Role,
     Stat,
     Stats,
@@ -60,9 +62,10 @@ from hypothesis import strategies as st
 
 # The direction column of SPEC §3 and §4.
 CLIENT_SENDS = {Hello, Has, Stat, ListNames, Tag, Untag, Stats, PushBegin, PushRecipe, PushEnd}
+CLIENT_SENDS |= {PullInline}
 CLIENT_SENDS |= {Cancel, Pull, PullDelta, Want, WantDelta, WantAt, Sync, Fsck, Call, ChunkDelta}
 SERVER_SENDS = {Welcome, Have, BlobInfo, Names, Ok, StatsResult, PushWant, PushDone, Recipe}
-SERVER_SENDS |= {RecipeDelta}
+SERVER_SENDS |= {RecipeDelta, RecipeInline}
 SERVER_SENDS |= {SyncProgress, SyncDone, FsckDone, CallProgress, CallDone, CallData, ChunkPack}
 BOTH_SEND = {Chunk, Error}
 
@@ -99,6 +102,7 @@ def test_every_request_has_a_terminal_answer() -> None:
         StatsResult,
         Recipe,
         RecipeDelta,
+        RecipeInline,
         Chunk,
         PushDone,
         SyncDone,

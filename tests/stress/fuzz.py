@@ -59,7 +59,13 @@ from tests.integration.harness import Daemon, casctl
 
 MAX_FRAME = casproto.MAX_FRAME
 AGENT = "casd-fuzz/1"
-FEATURES = ("zstd", casproto.PREFIX_FEATURE, casproto.RECIPE_FEATURE, casproto.WANT_AT_FEATURE)
+FEATURES = (
+    "zstd",
+    casproto.PREFIX_FEATURE,
+    casproto.RECIPE_FEATURE,
+    casproto.INLINE_FEATURE,
+    casproto.WANT_AT_FEATURE,
+)
 RECV_SIZE = 1 << 20
 OPENERS = (
     casproto.Has,
@@ -70,6 +76,7 @@ OPENERS = (
     casproto.Stats,
     casproto.Pull,
     casproto.PullDelta,
+    casproto.PullInline,
     casproto.Want,
     casproto.WantDelta,
     casproto.WantAt,
@@ -281,6 +288,13 @@ class Corpus:
         if x < 0.55:
             return casproto.Stats(rid)
         if x < 0.68:
+            if casproto.INLINE_FEATURE in features and r.random() < 0.15:
+                # As PULL_DELTA, asking for any size inlined, at any rate.
+                inline = r.choice([0, 1, 16384, r.getrandbits(64)])
+                rate = r.choice([0, 1, 2_500_000, r.getrandbits(64)])
+                return casproto.PullInline(
+                    rid, self.ref(), self.digest(), r.getrandbits(64), inline, rate
+                )
             if casproto.RECIPE_FEATURE in features and r.random() < 0.3:
                 # A base it may or may not hold, and a checksum that is rarely right.
                 return casproto.PullDelta(rid, self.ref(), self.digest(), r.getrandbits(64))
@@ -352,6 +366,7 @@ class Corpus:
             ),
             lambda: casproto.PullDelta(rid, self.ref(), self.digest(), r.getrandbits(64)),
             lambda: casproto.RecipeDelta(rid, self.digest(), 10, 1, data),
+            lambda: casproto.RecipeInline(rid, self.digest(), 10, 1, data, 7, data, True),
             lambda: casproto.WantAt(rid, self.digest(), r.randrange(1 << 20), b"\x01" + data[:8]),
             lambda: casproto.Error(0, ErrorCode.BUSY, "go away"),  # never picked
         ]
