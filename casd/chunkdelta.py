@@ -8,10 +8,13 @@ the old version's bytes around them (level 3, long-distance matching), so a matc
 reach anywhere in that prefix: measured on the benchmark corpus it comes within 1 % of
 ``zstd --long --patch-from`` of the whole layer, for 0.1-0.5 s of encoding.
 
-The prefix is not the whole old version but the old chunks *between the same anchors*: a
-run of new chunks the old version lacks lies between two chunks both versions share, and
-what it replaced lies between the same two chunks of the old version. Both ends read only
-those, so a small change to a large blob reads little. The chunks go in *windows*
+The prefix is not the whole old version but the old chunks *between the same anchors*
+that the new version dropped: a run of new chunks the old version lacks lies between two
+chunks both versions share, and what it replaced lies between the same two chunks of the
+old version. A chunk both versions hold is no part of it (it moved; in a rebuilt layer
+most of a stretch is such content), nor, when the small new chunks came in the recipe
+(casd.recipeinline), is a small one (the old tar headers). Both ends read only those, so
+a small change to a large blob reads little. The chunks go in *windows*
 (:func:`windows`): one frame per window, its prefix closed at about WINDOW_PREFIX bytes,
 so the source's first piece follows a read of one window's prefix, not of the whole old
 version, reads overlap the transfer (the next window's prefix is read while one is in use), and
@@ -199,10 +202,51 @@ def windows(
 ) -> list[Window]:
     """How to send ``need`` (the chunks of a blob of ``ids`` the receiver lacks, in order
     of first appearance) as frames against the old version: in order, each frame's chunks
-    with the old chunks that sit between the same anchors as their prefix, a frame closed
-    once its prefix would pass ``limit`` bytes (WINDOW_PREFIX). A run of new chunks with no
-    anchor before (after) it reaches to the old version's start (end)."""
+    with the old chunks that sit between the same anchors and that the new version
+    dropped (:func:`_dropped_only`) as their prefix, a frame closed once its prefix would
+    pass ``limit`` bytes (WINDOW_PREFIX). A run of new chunks with no anchor before
+    (after) it reaches to the old version's start (end)."""
     limit = WINDOW_PREFIX if limit is None else limit
+    run_of = _dropped_only(
+        ids,
+        need,
+        old_ids,
+        old_sizes,
+        _runs_of(ids, sizes, need, old_ids, old_sizes, limit, margin),
+    )
+    offsets = [0]
+    for size in old_sizes:
+        offsets.append(offsets[-1] + size)
+
+    def size_of(ranges: list[tuple[int, int]]) -> int:
+        return sum(offsets[hi] - offsets[lo] for lo, hi in ranges)
+
+    out: list[Window] = []
+    ranges: list[tuple[int, int]] = []
+    count = prefix = 0
+    for cid, _ in need:
+        parts = run_of.get(cid, ((0, 0),))
+        grown = ranges if all(r in ranges for r in parts) else _merge([*ranges, *parts])
+        grown_size = prefix if grown is ranges else size_of(grown)
+        if count and grown_size > limit:
+            out.append(Window(count, tuple(ranges), prefix))
+            grown = _merge(list(parts))
+            count, grown_size = 0, size_of(grown)
+        count, ranges, prefix = count + 1, grown, grown_size
+    if count:
+        out.append(Window(count, tuple(ranges), prefix))
+    return out
+
+
+def _runs_of(
+    ids: Sequence[bytes],
+    sizes: Sequence[int],
+    need: Sequence[tuple[bytes, int]],
+    old_ids: Sequence[bytes],
+    old_sizes: Sequence[int],
+    limit: int,
+    margin: int,
+) -> dict[bytes, tuple[int, int]]:
     old_pos: dict[bytes, int] = {}
     repeated: set[bytes] = set()
     for i, cid in enumerate(old_ids):
@@ -213,25 +257,57 @@ def windows(
     offsets = [0]
     for size in old_sizes:
         offsets.append(offsets[-1] + size)
-    run_of = _runs(ids, sizes, {cid for cid, _ in need}, old_pos, offsets, limit, margin)
+    return _runs(ids, sizes, {cid for cid, _ in need}, old_pos, offsets, limit, margin)
 
-    def size_of(ranges: list[tuple[int, int]]) -> int:
-        return sum(offsets[hi] - offsets[lo] for lo, hi in ranges)
 
-    out: list[Window] = []
-    ranges: list[tuple[int, int]] = []
-    count = prefix = 0
-    for cid, _ in need:
-        r = run_of.get(cid, (0, 0))
-        grown = ranges if r in ranges else _merge([*ranges, r])
-        grown_size = prefix if grown is ranges else size_of(grown)
-        if count and grown_size > limit:
-            out.append(Window(count, tuple(ranges), prefix))
-            grown = _merge([r])
-            count, grown_size = 0, size_of(grown)
-        count, ranges, prefix = count + 1, grown, grown_size
-    if count:
-        out.append(Window(count, tuple(ranges), prefix))
+#: Old chunks up to this size are left out of the prefix of chunks larger than it when no
+#: chunk that small is wanted: a receiver that took the small new chunks in the recipe
+#: (casd.recipeinline, up to 16 KiB) wants only larger ones, and the old small chunks (the
+#: tar headers every member of a rebuilt layer replaced) only cost reading.
+SMALL = 16 * 1024
+#: A window's prefix in more pieces than this is read whole between its first and last.
+MAX_PARTS = 4096
+
+
+def _dropped_only(
+    ids: Sequence[bytes],
+    need: Sequence[tuple[bytes, int]],
+    old_ids: Sequence[bytes],
+    old_sizes: Sequence[int],
+    run_of: dict[bytes, tuple[int, int]],
+) -> dict[bytes, tuple[tuple[int, int], ...]]:
+    """Each chunk's stretch of the old version cut down to the old chunks the new version
+    dropped (what the change replaced; a chunk both versions hold is content the
+    receiver gets anyway, moved, and in a rebuilt layer most of a stretch: pyapp v3->v4's
+    widest was 31 MB, 6.5 MB of it dropped), without small ones where only larger chunks
+    are wanted. A stretch with nothing dropped in it stays whole (pure insertions: what
+    is near may still match)."""
+    kept = set(ids)
+    small_wanted = any(size <= SMALL for _, size in need)
+    useful = [
+        c not in kept and (small_wanted or s > SMALL)
+        for c, s in zip(old_ids, old_sizes, strict=True)
+    ]
+    parts_of: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+    out: dict[bytes, tuple[tuple[int, int], ...]] = {}
+    for cid, (lo, hi) in run_of.items():
+        parts = parts_of.get((lo, hi))
+        if parts is None:
+            found: list[tuple[int, int]] = []
+            p = lo
+            while p < hi:
+                if not useful[p]:
+                    p += 1
+                    continue
+                q = p
+                while q < hi and useful[q]:
+                    q += 1
+                found.append((p, q))
+                p = q
+            if not found or len(found) > MAX_PARTS:
+                found = [(lo, hi)]
+            parts = parts_of[(lo, hi)] = tuple(found)
+        out[cid] = parts
     return out
 
 

@@ -398,3 +398,34 @@ def test_any_new_version_comes_whole_and_verified_from_its_frames(
     got = [c for b in chunkdelta.decode(iter(pieces), wins, prefix_of, need) for c in b]
     assert [cid for cid, _ in got] == [cid for cid, _ in need]
     assert all(chunk_id(data) == cid for cid, data in got)
+
+
+def _ids(*names: str) -> list[bytes]:
+    return [n.encode().ljust(32, b".") for n in names]
+
+
+# A rebuilt tar: every header (h, 512 bytes) is new, d2's data changed, d1 and d3 did not.
+OLD = _ids("a", "h1", "d1", "h2", "d2", "h3", "d3", "z")
+NEW = _ids("a", "H1", "d1", "H2", "D2", "H3", "d3", "z")
+SIZES = [20_000, 512, 20_000, 512, 20_000, 512, 20_000, 20_000]
+
+
+def test_the_prefix_is_what_the_new_version_dropped_around_the_change() -> None:
+    # The small new chunks came in the recipe (casd.recipeinline): only D2 is wanted.
+    # Its stretch of the old version is h2 d2 h3 (with d1 and d3 at the margins); of
+    # that only d2 is both dropped and of a size a wanted chunk could resemble.
+    wins = chunkdelta.windows(NEW, SIZES, [(NEW[4], 20_000)], OLD, SIZES)
+    assert [w.ranges for w in wins] == [((4, 5),)]
+    assert wins[0].prefix == 20_000
+    # Where small chunks are wanted too, the old small ones they replaced stay in.
+    need = [(NEW[3], 512), (NEW[4], 20_000), (NEW[5], 512)]
+    wins = chunkdelta.windows(NEW, SIZES, need, OLD, SIZES)
+    assert [w.ranges for w in wins] == [((3, 6),)]
+
+
+def test_an_insertion_that_dropped_nothing_keeps_its_whole_stretch() -> None:
+    old = _ids("a", "b", "c", "d")
+    new = _ids("a", "b", "X", "c", "d")
+    wins = chunkdelta.windows(new, [20_000] * 5, [(new[2], 20_000)], old, [20_000] * 4)
+    # Nothing between b and c was dropped: the neighbours are all there is to match.
+    assert [w.ranges for w in wins] == [((1, 3),)]
