@@ -316,6 +316,13 @@ async def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _inlined(report: dict[str, Any]) -> str:
+    """The small chunks that came in recipes (casd.recipeinline), for the sync summary."""
+    n = int(report.get("chunks_inlined", 0))
+    raw, wire = int(report.get("inline_raw_bytes", 0)), int(report.get("inline_wire_bytes", 0))
+    return f"{n} small chunks in recipes ({human(raw)} as {human(wire)}), " if n else ""
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     if args.all and args.names:
         raise UserError("give NAMEs or --all, not both")
@@ -388,7 +395,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             f"sync {args.src} -> {args.dst}: {report['blobs']} blobs "
             f"({report['blobs_copied']} copied, {report['blobs_present']} present, "
             f"{report['blobs_unchanged']} unchanged); {verb} {report['chunks_fetched']} chunks, "
-            f"{human(moved)}, {report['chunks_reused']} chunks reused; "
+            f"{human(moved)}, {_inlined(report)}{report['chunks_reused']} chunks reused; "
             f"{human(wire)} on the wire in {seconds:.2f}s ({human(wire / max(seconds, 1e-9))}/s)",
             file=sys.stderr,
         )

@@ -117,6 +117,9 @@ class SyncReport:
     inline_raw_bytes: int = 0
     inline_wire_bytes: int = 0
     inline_fallbacks: int = 0  # answers whose bytes did not decode against our base
+    # Per blob, the recipe entries that came inlined: held when the blob is copied, but
+    # moved, not reused.
+    inlined_entries: dict[str, int] = field(default_factory=dict)
     # Layers that came as their compressed bytes (no old version to encode against), and
     # the wire bytes they took.
     layers_streamed: int = 0
@@ -640,6 +643,7 @@ async def _copy_all(
         need = _missing(recipe, have)
         report.chunks += len(recipe.ids)
         report.chunks_reused += len(recipe.ids) - len(need)
+        report.chunks_reused -= report.inlined_entries.pop(digest, 0)
         report.bytes_total += recipe.size
         first = (firsts or {}).pop(digest, None)
         if need and need[0][0] == recipe.ids[0] and (got := first_chunk_of(first, recipe)):
@@ -784,6 +788,7 @@ def _store_inlined(store: Store, got: Inlined, base: Recipe, report: SyncReport)
     )
     store.put_chunks([ChunkIn(cid, data) for cid, data in chunks], verify=False)
     report.chunks_inlined += len(chunks)
+    report.inlined_entries[r.digest] = sum(1 for c in r.ids if c == casproto.INLINE_ID)
     report.inline_raw_bytes += sum(len(d) for _, d in chunks)
     report.inline_wire_bytes += len(got.frame)
     return casproto.Recipe(0, r.digest, r.size, ids, r.sizes, True)

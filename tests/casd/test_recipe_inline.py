@@ -110,6 +110,8 @@ async def test_a_rebuilt_layer_s_new_headers_come_as_bytes_in_the_recipe_not_as_
     assert stats["recipe_inlines"] == 0
     assert by_id.chunks_inlined == 0
     assert by_id.chunks_fetched > report.chunks_fetched + FILES
+    # Inlined chunks were moved, not reused: both count only what the old version held.
+    assert report.chunks_reused == by_id.chunks_reused
     # Each inlined chunk saved its id in the recipe and in the request for it.
     assert by_id.wire_bytes - report.wire_bytes > 30 * report.chunks_inlined
 
