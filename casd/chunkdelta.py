@@ -48,6 +48,7 @@ import casproto
 import trio
 import xxhash
 
+from casd import recipeinline
 from casd.auth import Scope
 from casd.chunking import chunk_id
 from casd.errors import ChunkCorrupt, UserError
@@ -262,9 +263,9 @@ def _runs_of(
 
 #: Old chunks up to this size are left out of the prefix of chunks larger than it when no
 #: chunk that small is wanted: a receiver that took the small new chunks in the recipe
-#: (casd.recipeinline, up to 16 KiB) wants only larger ones, and the old small chunks (the
-#: tar headers every member of a rebuilt layer replaced) only cost reading.
-SMALL = 16 * 1024
+#: (casd.recipeinline) wants only larger ones, and the old small chunks (the tar headers
+#: every member of a rebuilt layer replaced) only cost reading.
+SMALL = recipeinline.ASK
 #: A window's prefix in more pieces than this is read whole between its first and last.
 MAX_PARTS = 4096
 

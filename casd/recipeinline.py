@@ -8,8 +8,9 @@ mtime and checksum): the ids alone were 450 KB of a 830 KB sync whose whole diff
 as one zstd frame against the old layer, is 330 KB.
 
 So a receiver holding the old version asks with PULL_INLINE: the server answers with the
-recipe whose small new chunks (at most ``limit`` bytes, not in the old version) have a
-zero id, and those chunks' bytes in one zstd frame. The receiver hashes each for its id.
+recipe whose small new chunks (at most ``limit`` bytes, not in the old version; casd asks
+for 1 KiB: headers and the smallest files) have a zero id, and those chunks' bytes in one
+zstd frame. The receiver hashes each for its id.
 Nothing is trusted that would not be anyway: the ids are computed here, and the blob's
 sha256 is checked before it commits, as for every sync. Measured on the benchmark's pyapp
 v1->v2 step: 12,560 new chunks, 6.75 MB, came to 275 KB (22 bytes each; as chunk packs
@@ -44,10 +45,14 @@ from casd.zstd import CompressionParameter, ZstdCompressor, ZstdDict, decompress
 
 #: zstd level of the frame: headers compress to a few bytes each at any level; 3 is cheap.
 LEVEL = 3
-#: What a casd client asks to have inlined: chunks below the chunker's minimum exist only
-#: where the tar cutter cut a member's header, a small file or a tail, which is where an id
-#: costs most against the bytes it names.
-ASK = 16 * 1024
+#: What a casd client asks to have inlined: a member's header (512 bytes, 1 KiB with pax
+#: records) and the smallest files, where an id costs most against the bytes it names and
+#: a delta of the chunk on its own saves little. Up to 16 KiB (the chunker's minimum:
+#: every small file) the inlined chunks of a Debian step were 11 MB instead of 4.1 MB,
+#: fetched before any other chunk (the recipe waits for them), where as chunks with
+#: deltas of their own they stream beside the rest: over 100 Mbit/s that step took 1 s
+#: longer (bench/results/oci-20261130-095814.json against oci-20261130-082334.json).
+ASK = 1024
 
 
 #: Reading one of the base's dropped small chunks from a store, to encode or decode

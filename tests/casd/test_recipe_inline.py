@@ -50,7 +50,7 @@ def layers() -> tuple[bytes, bytes]:
     three small files and one large file changed."""
     rnd = random.Random(11)
     files: dict[str, bytes] = {
-        f"app/pkg/mod{i:03}.py": rnd.randbytes(rnd.randrange(200, 3000)) for i in range(FILES)
+        f"app/pkg/mod{i:03}.py": rnd.randbytes(rnd.randrange(200, 900)) for i in range(FILES)
     }
     files["app/lib/big.so"] = rnd.randbytes(400_000)
     old = make_tar(files, mtime=1_700_000_000)
@@ -103,7 +103,7 @@ async def test_a_rebuilt_layer_s_new_headers_come_as_bytes_in_the_recipe_not_as_
     # Over a slow link, against the old headers: a new mtime and checksum cost a few bytes.
     slow, _ = await sync_new(*on_both(old, new), new, SLOW)
     assert slow.chunks_inlined == report.chunks_inlined
-    assert slow.inline_wire_bytes * 2 < report.inline_wire_bytes
+    assert slow.inline_wire_bytes * 4 < report.inline_wire_bytes * 3
     assert slow.inline_wire_bytes < 12 * slow.chunks_inlined
     monkeypatch.setattr(service, "FEATURES", service.FEATURES - {casproto.INLINE_FEATURE})
     by_id, stats = await sync_new(*on_both(old, new), new)
@@ -134,8 +134,8 @@ def test_the_frame_is_encoded_against_the_old_headers_the_new_version_dropped() 
         assert got == n.ids
         assert all(chunk_id(data) == cid for cid, data in chunks)
         sizes_of[against] = len(enc.frame)
-    # Against the old headers the same bytes take a fraction.
-    assert sizes_of[True] * 3 < sizes_of[False]
+    # Against the old headers the same bytes take less.
+    assert sizes_of[True] * 4 < sizes_of[False] * 3
 
 
 def test_the_source_reads_the_old_chunks_only_where_the_link_is_slow_enough_to_pay(
@@ -170,7 +170,8 @@ def test_the_source_reads_the_old_chunks_only_where_the_link_is_slow_enough_to_p
     assert not recipeinline.pays(5_000, 1_000_000, 1000)
     assert not recipeinline.pays(10_000, 0, 1000)
     # The source reads them only where the frame made without is large enough that a
-    # prefix could pay: pyapp v1->v2 (only headers changed) and v2->v3 over 100 Mbit/s.
+    # prefix could pay: over 100 Mbit/s not for 22 bytes a chunk (only headers changed),
+    # but for 225 (small files changed too).
     assert not recipeinline.worth_trying(274_275, 11_000_000, 12_560)
     assert recipeinline.worth_trying(3_043_850, 11_000_000, 13_490)
 
@@ -248,7 +249,7 @@ async def test_with_deltas_off_nothing_is_encoded_against_the_base(
     monkeypatch.setattr(recipeinline, "_read_prefix", no_prefix)
     report, _ = await sync_new(*on_both(old, new), new, SLOW, allow_deltas=False)
     assert report.chunks_inlined == deltas_on.chunks_inlined > FILES
-    assert report.inline_wire_bytes > 2 * deltas_on.inline_wire_bytes
+    assert report.inline_wire_bytes * 3 > deltas_on.inline_wire_bytes * 4
     assert report.chunks_delta == 0
 
 
