@@ -76,6 +76,18 @@ def on_both(old: bytes, new: bytes) -> tuple[MemoryStore, MemoryStore]:
     return src, dst
 
 
+def cannot_read(store: MemoryStore, damaged: set[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``store`` notices damage to ``damaged`` whenever a read includes one of them."""
+    real = store.get_chunks
+
+    def failing(ids: Any) -> list[bytes]:
+        if hit := damaged & set(ids):
+            raise ChunkCorrupt(next(iter(hit)), "checksum mismatch")
+        return real(ids)
+
+    monkeypatch.setattr(store, "get_chunks", failing)
+
+
 async def sync_new(
     src: MemoryStore, dst: MemoryStore, new: bytes, link: Link | None = None, **kw: Any
 ) -> Any:
@@ -191,14 +203,7 @@ async def test_a_base_damaged_in_the_receivers_store_falls_back_and_stores_nothi
             data = bytes(b ^ 0x5A for b in dst.get_chunk(cid))
             dst._chunks[cid] = StoredChunk(cid, Codec.RAW, data, stored.raw_size)
     else:
-        real = dst.get_chunks
-
-        def failing(ids: Any) -> list[bytes]:
-            if dropped & set(ids):
-                raise ChunkCorrupt(next(iter(dropped & set(ids))), "checksum mismatch")
-            return real(ids)
-
-        monkeypatch.setattr(dst, "get_chunks", failing)
+        cannot_read(dst, dropped, monkeypatch)
     report, stats = await sync_new(src, dst, new, SLOW)
     assert stats["recipe_inlines"] == 1  # the source inlined; this side could not use it
     assert report.inline_fallbacks == 1
@@ -212,14 +217,7 @@ async def test_a_source_that_cannot_read_the_old_chunks_sends_ids(
     old, new = layers()
     src, dst = on_both(old, new)
     dropped = set(src.get_recipe(digest_of(old)).ids) - set(src.get_recipe(digest_of(new)).ids)
-    real = src.get_chunks
-
-    def failing(ids: Any) -> list[bytes]:
-        if dropped & set(ids):
-            raise ChunkCorrupt(next(iter(dropped & set(ids))), "checksum mismatch")
-        return real(ids)
-
-    monkeypatch.setattr(src, "get_chunks", failing)
+    cannot_read(src, dropped, monkeypatch)
     report, stats = await sync_new(src, dst, new, SLOW)
     assert stats["recipe_inlines"] == 0
     assert stats["recipe_deltas"] == 1
