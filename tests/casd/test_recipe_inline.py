@@ -88,6 +88,13 @@ def cannot_read(store: MemoryStore, damaged: set[bytes], monkeypatch: pytest.Mon
     monkeypatch.setattr(store, "get_chunks", failing)
 
 
+def source_with_both() -> tuple[MemoryStore, Any, Any]:
+    """A source holding both versions of the layer, and their recipes (old, new)."""
+    old, new = layers()
+    src, _ = on_both(old, new)
+    return src, src.get_recipe(digest_of(old)), src.get_recipe(digest_of(new))
+
+
 async def sync_new(
     src: MemoryStore, dst: MemoryStore, new: bytes, link: Link | None = None, **kw: Any
 ) -> Any:
@@ -129,10 +136,7 @@ async def test_a_rebuilt_layer_s_new_headers_come_as_bytes_in_the_recipe_not_as_
 
 
 def test_the_frame_is_encoded_against_the_old_headers_the_new_version_dropped() -> None:
-    old, new = layers()
-    src, _ = on_both(old, new)
-    o = src.get_recipe(digest_of(old))
-    n = src.get_recipe(digest_of(new))
+    src, o, n = source_with_both()
     sizes_of = {}
     for rate, against in ((0, False), (int(SLOW.rate), True)):
         enc = recipeinline.encode(src, n, o, recipeinline.ASK, rate)
@@ -153,10 +157,7 @@ def test_the_frame_is_encoded_against_the_old_headers_the_new_version_dropped() 
 def test_the_source_reads_the_old_chunks_only_where_the_link_is_slow_enough_to_pay(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    old, new = layers()
-    src, _ = on_both(old, new)
-    o = src.get_recipe(digest_of(old))
-    n = src.get_recipe(digest_of(new))
+    src, o, n = source_with_both()
     reads: list[int] = []
     real = recipeinline._read_prefix
 
@@ -252,10 +253,7 @@ async def test_with_deltas_off_nothing_is_encoded_against_the_base(
 
 
 def test_an_answer_that_breaks_the_spec_is_refused_before_it_is_decoded() -> None:
-    old, new = layers()
-    src, _ = on_both(old, new)
-    o = src.get_recipe(digest_of(old))
-    n = src.get_recipe(digest_of(new))
+    src, o, n = source_with_both()
     enc = recipeinline.encode(src, n, o, recipeinline.ASK, int(SLOW.rate))
     assert enc is not None
     assert enc.against_base
@@ -282,9 +280,6 @@ def test_an_answer_that_breaks_the_spec_is_refused_before_it_is_decoded() -> Non
 def test_more_than_a_recipe_inline_carries_is_left_to_the_chunks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    old, new = layers()
-    src, _ = on_both(old, new)
-    o = src.get_recipe(digest_of(old))
-    n = src.get_recipe(digest_of(new))
+    src, o, n = source_with_both()
     monkeypatch.setattr(casproto, "MAX_INLINE_BYTES", 100_000)
     assert recipeinline.encode(src, n, o, recipeinline.ASK, int(SLOW.rate)) is None
