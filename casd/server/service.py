@@ -207,27 +207,24 @@ class ServerContext:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
 
-def _base_recipe(store: Store, base: str, base_sum: int) -> Any:
-    """The recipe of ``base`` as the client holds it, or None: this store lacks ``base``
-    or holds it cut otherwise than the client (the checksum of its entries differs)."""
+def _base_entries(store: Store, base: str, base_sum: int) -> tuple[Any, bytes] | None:
+    """The recipe of ``base`` as the client holds it and its packed entries (a recipe
+    delta's prefix), or None: this store lacks ``base`` or holds it cut otherwise than
+    the client (the checksum of its entries differs)."""
     try:
         old = store.get_recipe(base)
     except (BlobMissing, InvalidRef):
         return None
-    if xxhash.xxh3_64_intdigest(casproto.pack_entries(old.ids, old.sizes)) != base_sum:
-        return None
-    return old
-
-
-def _recipe_delta(
-    store: Store, recipe: Any, old: Any, entries: bytes | None = None
-) -> bytes | None:
-    """``recipe``'s entries (or ``entries``, RECIPE_INLINE's) as one zstd frame with the
-    entries of the client's older version ``old`` as prefix (RECIPE_DELTA, SPEC §4.1), or
-    None to send it plain: the frame would not fit one frame. Worker thread."""
     prefix = casproto.pack_entries(old.ids, old.sizes)
-    if entries is None:
-        entries = casproto.pack_entries(recipe.ids, recipe.sizes)
+    if xxhash.xxh3_64_intdigest(prefix) != base_sum:
+        return None
+    return old, prefix
+
+
+def _recipe_delta(entries: bytes, prefix: bytes) -> bytes | None:
+    """A recipe's ``entries`` as one zstd frame with the client's older version's entries
+    ``prefix`` as prefix (RECIPE_DELTA, SPEC §4.1), or None to send it plain: the frame
+    would not fit one frame. Worker thread."""
     data = zstd.compress_with_prefix(entries, prefix, RECIPE_DELTA_LEVEL)
     return data if len(data) <= RECIPE_DELTA_MAX else None
 
@@ -241,9 +238,10 @@ def _recipe_answer(
     r = store.get_recipe(store.resolve(ev.ref))
     if isinstance(ev, casproto.Pull):
         return r, None, None
-    old = _base_recipe(store, ev.base, ev.base_sum)
-    if old is None:
+    held = _base_entries(store, ev.base, ev.base_sum)
+    if held is None:
         return r, None, None
+    old, prefix = held
     if isinstance(ev, casproto.PullInline) and ev.inline > 0:
         limit = casproto.inline_limit(ev.inline)
         try:
@@ -254,10 +252,10 @@ def _recipe_answer(
             log.warning("%s: cannot inline its small chunks (%s); sending ids", r.digest, exc)
             inl = None
         if inl is not None:
-            delta = _recipe_delta(store, r, old, inl.entries)
+            delta = _recipe_delta(inl.entries, prefix)
             if delta is not None and len(delta) + len(inl.frame) <= RECIPE_DELTA_MAX:
                 return r, delta, inl
-    return r, _recipe_delta(store, r, old), None
+    return r, _recipe_delta(casproto.pack_entries(r.ids, r.sizes), prefix), None
 
 
 def _ids_at(recipe: Any, ev: casproto.WantAt) -> tuple[bytes, ...]:
