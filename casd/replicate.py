@@ -527,8 +527,9 @@ async def sync_into_store(
             if isinstance(got, casproto.Recipe):
                 return got
             try:
-                recipe: casproto.Recipe = await run(_store_inlined, store, got, old, report)
-                return recipe
+                recipe: casproto.Recipe
+                chunks: list[tuple[bytes, bytes]]
+                recipe, chunks = await run(_store_inlined, store, got, old)
             except (recipeinline.InlineMismatch, ChunkMissing, ChunkCorrupt) as exc:
                 # Our copy of the base reads otherwise than the source's (damage the store
                 # did or did not notice): the chunks come the ordinary way, checked each.
@@ -539,6 +540,12 @@ async def sync_into_store(
                 raise PeerError(
                     f"{src.peer.ident} sent inlined chunks that break the protocol: {exc}"
                 ) from None
+            # Counted here, not in the worker: several recipes are fetched at once.
+            report.chunks_inlined += len(chunks)
+            report.inline_raw_bytes += sum(len(d) for _, d in chunks)
+            report.inline_wire_bytes += len(got.frame)
+            report.inlined_entries[digest] = got.recipe.ids.count(casproto.INLINE_ID)
+            return recipe
 
         async def one(digest: str) -> None:
             if digest not in single:
@@ -774,8 +781,10 @@ def _held_recipe(store: Store, digest: str) -> Recipe | None:
         return None
 
 
-def _store_inlined(store: Store, got: Inlined, base: Recipe, report: SyncReport) -> casproto.Recipe:
-    """The recipe of a RECIPE_INLINE, its inlined chunks decoded against ``base`` and
+def _store_inlined(
+    store: Store, got: Inlined, base: Recipe
+) -> tuple[casproto.Recipe, list[tuple[bytes, bytes]]]:
+    """The recipe of a RECIPE_INLINE, and its inlined chunks, decoded against ``base`` and
     stored (their ids are their hashes, computed here). Worker thread.
 
     Raises:
@@ -787,11 +796,7 @@ def _store_inlined(store: Store, got: Inlined, base: Recipe, report: SyncReport)
         store, r.ids, r.sizes, base, got.limit, got.against_base, got.inline_sum, got.frame
     )
     store.put_chunks([ChunkIn(cid, data) for cid, data in chunks], verify=False)
-    report.chunks_inlined += len(chunks)
-    report.inlined_entries[r.digest] = sum(1 for c in r.ids if c == casproto.INLINE_ID)
-    report.inline_raw_bytes += sum(len(d) for _, d in chunks)
-    report.inline_wire_bytes += len(got.frame)
-    return casproto.Recipe(0, r.digest, r.size, ids, r.sizes, True)
+    return casproto.Recipe(0, r.digest, r.size, ids, r.sizes, True), chunks
 
 
 #: Chunks of the old version whose stored size _chunk_wire looks up, at most (about).
