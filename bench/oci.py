@@ -294,6 +294,8 @@ class Step:
     casd: Measure
     casd_chunks_only: Measure | None = None
     sync_report: dict[str, Any] = field(default_factory=dict)
+    # `casctl sync --json` of the chunks-only run: what it moved, to set beside the above.
+    sync_report_chunks_only: dict[str, Any] = field(default_factory=dict)
     # After casd's run: B storing the tars of layers that came as their compressed bytes
     # (casd.oci.landing), which the next version's delta needs. Waited for before the
     # next measurement, so that no run shares the CPU with it; not in casd's time.
@@ -491,17 +493,20 @@ def run_series(
             landing: list[Measure] = []
             with meter.measure(landing):
                 wait_landed(b, B)
+            report_nd: dict[str, Any] = {}
             if b_nd is not None:
                 with meter.measure(got):
-                    casctl(
-                        "--server",
-                        b_nd.address,
-                        "sync",
-                        src,
-                        b_nd.address,
-                        f"{repo}:{tag}",
-                        "--json",
-                        prefix=B.exec_prefix(),
+                    report_nd = json.loads(
+                        casctl(
+                            "--server",
+                            b_nd.address,
+                            "sync",
+                            src,
+                            b_nd.address,
+                            f"{repo}:{tag}",
+                            "--json",
+                            prefix=B.exec_prefix(),
+                        )
                     )
                     skopeo(
                         "copy",
@@ -542,6 +547,7 @@ def run_series(
             step = Step(
                 link_name, s.name, kind, label, got[0], got[1], got[2] if b_nd else None, report
             )
+            step.sync_report_chunks_only = report_nd
             if through:
                 step.casd_pull_through = through[0]
             if report.get("layers_deferred"):
