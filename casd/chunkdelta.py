@@ -214,6 +214,7 @@ def windows(
         old_ids,
         old_sizes,
         _runs_of(ids, sizes, need, old_ids, old_sizes, limit, margin),
+        margin,
     )
     offsets = [0]
     for size in old_sizes:
@@ -289,13 +290,14 @@ def _dropped_only(
     old_ids: Sequence[bytes],
     old_sizes: Sequence[int],
     run_of: dict[bytes, tuple[int, int]],
+    margin: int = MARGIN,
 ) -> dict[bytes, tuple[tuple[int, int], ...]]:
     """Each chunk's stretch of the old version cut down to the old chunks the new version
     dropped (what the change replaced; a chunk both versions hold is content the
     receiver gets anyway, moved, and in a rebuilt layer most of a stretch: pyapp v3->v4's
     widest was 31 MB, 6.5 MB of it dropped), without small ones where only larger chunks
-    are wanted. A stretch with nothing dropped in it stays whole (pure insertions: what
-    is near may still match)."""
+    are wanted. A stretch with nothing dropped in it keeps the old chunks at its edges
+    (for a pure insertion, its neighbours: all there is to match)."""
     kept = set(ids)
     small_wanted = any(size <= SMALL for _, size in need)
     useful = [
@@ -318,7 +320,12 @@ def _dropped_only(
                     q += 1
                 found.append((p, q))
                 p = q
-            if not found or len(found) > MAX_PARTS:
+            if not found:
+                # Nothing dropped: an insertion, whose stretch is the old chunks at its
+                # edges; or content that moved (anchors out of order), whose stretch may
+                # be megabytes the receiver holds anyway: its edges only.
+                found = _merge([(lo, min(hi, lo + margin)), (max(lo, hi - margin), hi)])
+            if len(found) > MAX_PARTS:
                 found = [(lo, hi)]
             parts = parts_of[(lo, hi)] = tuple(found)
         out[cid] = parts

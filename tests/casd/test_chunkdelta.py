@@ -429,3 +429,14 @@ def test_an_insertion_that_dropped_nothing_keeps_its_whole_stretch() -> None:
     wins = chunkdelta.windows(new, [20_000] * 5, [(new[2], 20_000)], old, [20_000] * 4)
     # Nothing between b and c was dropped: the neighbours are all there is to match.
     assert [w.ranges for w in wins] == [((1, 3),)]
+
+
+def test_content_that_moved_keeps_only_the_edges_of_its_stretch() -> None:
+    # f g moved to the front, and X came after them: X's anchors (g before, b after)
+    # are out of order, so its stretch spans b..g, all of which the new version holds:
+    # megabytes, in a real layer, that the receiver gets anyway. Only its edges are read.
+    old = _ids("a", "b", "c", "d", "e", "f", "g", "h")
+    new = _ids("a", "f", "g", "X", "b", "c", "d", "e", "h")
+    wins = chunkdelta.windows(new, [20_000] * 9, [(new[3], 20_000)], old, [20_000] * 8)
+    assert [w.ranges for w in wins] == [((0, 1), (7, 8))]
+    assert wins[0].prefix == 40_000
