@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from casd.auth import Scope
 from casd.chunking import Chunker, format_digest
@@ -30,6 +31,11 @@ from casd.oci.layers import (
 from casd.refs import check_name
 from casd.server import ops
 from casd.storage.interface import Store
+
+if TYPE_CHECKING:
+    from casd.oci import members
+
+log = logging.getLogger("casd.oci")
 
 
 def _spool_dir(ctx: Any) -> str:
@@ -251,16 +257,60 @@ def _convert_layer(
     params = members.MembersParams(level, lib=members.LIBS[lib])
     encoding = {"codec": members.CODEC, **params.to_dict()}
     draft = LayerRecord("", 0, "", rec.uncompressed, rec.uncompressed_size, encoding=encoding)
-    # One encoding: hashed for the digest, and written to the cache as it goes. It is
-    # inflated again as it goes, and must give back the tar, before anything names it:
-    # a new layer digest is made here, so no later check could tell a wrong member from
-    # a right one (receivers check what they make against this digest).
+    for attempt in range(1, CONVERT_ATTEMPTS + 1):
+        try:
+            digest, size = _encode_checked(store, cache, draft, params, rec, layer.digest, lib)
+            break
+        except members.MemberNotMadeAgain as exc:
+            # The deflater made other bytes of a segment the second time: one of the two
+            # is bytes no host would make again (as ISA-L level 2 did, once, on 2 of 201
+            # members of a 200 MB tar, inside a daemon; never when run alone). A layer
+            # named by such bytes would cross whole to every receiver, forever.
+            log.warning("converting layer %s (attempt %d): %s", layer.digest, attempt, exc)
+            if attempt == CONVERT_ATTEMPTS:
+                raise LayerError(
+                    f"converting layer {layer.digest}: {lib} made other gzip members of the "
+                    f"same tar each of {CONVERT_ATTEMPTS} times ({exc}); nothing was "
+                    "recorded (use --lib libdeflate)"
+                ) from None
+    new = LayerRecord(digest, size, mt, rec.uncompressed, rec.uncompressed_size, encoding=encoding)
+    put_bytes(store, new.to_json(), chunker, media.layer_record_name(digest))
+    # Remember it in the original's record: the next image sharing the layer reuses it.
+    memo = dataclasses.replace(rec, converted={**(rec.converted or {}), memo_key: digest})
+    put_bytes(store, memo.to_json(), chunker, media.layer_record_name(layer.digest))
+    return media.Descriptor(mt, digest, size)
+
+
+#: Times a layer is encoded before convert gives up on members that deflate otherwise
+#: each time.
+CONVERT_ATTEMPTS = 3
+
+
+def _encode_checked(
+    store: Store,
+    cache: LayerCache | None,
+    draft: LayerRecord,
+    params: members.MembersParams,
+    rec: LayerRecord,
+    original: str,
+    lib: str,
+) -> tuple[str, int]:
+    """The digest and size of ``draft``'s encoding, written to ``cache`` as it goes.
+
+    It is inflated again as it goes, and must give back the tar, and each member is
+    deflated a second time and must come out the same, before anything names it: a new
+    layer digest is made here, so no later check could tell a wrong member from a right
+    one (receivers check what they make against this digest), nor a member this host
+    made once from the one it, and every other host, makes.
+
+    Raises:
+        MemberNotMadeAgain: a member came out otherwise the second time.
+        LayerError: the members do not give back the tar.
+    """
+    from casd.oci import members
+
     sha = hashlib.sha256()
-    check, tar_sha, tar_size = (
-        members.MembersDecoder(params, deflate_again=False),
-        hashlib.sha256(),
-        0,
-    )
+    check, tar_sha, tar_size = members.MembersDecoder(params, sample=False), hashlib.sha256(), 0
     size = 0
     tmp: Any = None
     if cache is not None:
@@ -274,20 +324,24 @@ def _convert_layer(
                 tmp.write(piece)
             try:
                 segs = check.feed(piece)
+            except members.MemberNotMadeAgain:
+                raise
             except LayerFormatError as exc:
-                raise _misconverted(layer.digest, lib, str(exc)) from None
+                raise _misconverted(original, lib, str(exc)) from None
             for seg in segs:
                 tar_sha.update(seg)
                 tar_size += len(seg)
         try:
             segs = check.finish()
+        except members.MemberNotMadeAgain:
+            raise
         except LayerFormatError as exc:
-            raise _misconverted(layer.digest, lib, str(exc)) from None
+            raise _misconverted(original, lib, str(exc)) from None
         for seg in segs:
             tar_sha.update(seg)
             tar_size += len(seg)
         if format_digest(tar_sha.digest()) != rec.uncompressed or tar_size != rec.uncompressed_size:
-            raise _misconverted(layer.digest, lib, "the members inflate to another tar")
+            raise _misconverted(original, lib, "the members inflate to another tar")
         digest = format_digest(sha.digest())
         if tmp is not None:
             tmp.close()
@@ -298,12 +352,7 @@ def _convert_layer(
         if tmp is not None:
             tmp.close()
             os.unlink(tmp_path)
-    new = LayerRecord(digest, size, mt, rec.uncompressed, rec.uncompressed_size, encoding=encoding)
-    put_bytes(store, new.to_json(), chunker, media.layer_record_name(digest))
-    # Remember it in the original's record: the next image sharing the layer reuses it.
-    memo = dataclasses.replace(rec, converted={**(rec.converted or {}), memo_key: digest})
-    put_bytes(store, memo.to_json(), chunker, media.layer_record_name(layer.digest))
-    return media.Descriptor(mt, digest, size)
+    return digest, size
 
 
 def convert_image(

@@ -383,6 +383,51 @@ def test_convert_records_nothing_when_its_members_do_not_give_back_the_tar(
     assert convert_image(store, cache, "app:v1", "app:v1-casd")["layers_converted"] == 1
 
 
+def _raw_deflate(segment: bytes, level: int) -> bytes:
+    # Valid deflate of the same bytes, as another deflater (or ISA-L, once) makes it.
+    c = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return c.compress(segment) + c.flush()
+
+
+@pytest.mark.parametrize("otherwise", ["once", "every time"])
+def test_convert_names_no_member_the_deflater_does_not_make_again(
+    tmp_path: Path, tar_bytes: bytes, monkeypatch: pytest.MonkeyPatch, otherwise: str
+) -> None:
+    """ISA-L at level 2 once made, inside a daemon, other (valid) bytes for 2 of a 200 MB
+    tar's 201 segments than it makes of them every other time. A layer named by such
+    bytes would never be made again by a receiver: convert deflates every member twice,
+    and encodes again where the two differ."""
+    store = MemoryStore()
+    raw_layer = gzip.compress(tar_bytes, mtime=0)
+    ingest(store, tmp_path, raw_layer, media.OCI_LAYER_GZIP)
+    image(store, [raw_layer], [tar_bytes], media.OCI_LAYER_GZIP)
+    real = members._BODIES["isa-l"]
+    calls: dict[bytes, int] = {}
+
+    def flaky(segment: bytes | bytearray | memoryview, level: int) -> bytes:
+        seg = bytes(segment)
+        n = calls[seg] = calls.get(seg, 0) + 1
+        odd = n == 1 if otherwise == "once" else n % 2 == 1
+        return _raw_deflate(seg, 9) if odd and seg else bytes(real(seg, level))
+
+    monkeypatch.setitem(members._BODIES, "isa-l", flaky)
+    if otherwise == "every time":
+        with pytest.raises(LayerError, match="other gzip members of the same tar each of 3"):
+            convert_image(store, None, "app:v1", "app:v1-casd")
+        assert dict(store.list_names()).get("app:v1-casd") is None
+        memo = read_record(store, sha(raw_layer))
+        assert memo is not None
+        assert not memo.converted
+        return
+    convert_image(store, None, "app:v1", "app:v1-casd")
+    layer = inspect_image(store, "app:v1-casd")["manifests"][0]["layers"][0]["digest"]
+    monkeypatch.setitem(members._BODIES, "isa-l", real)
+    # What it named is what any host makes of the tar.
+    rec = read_record(store, layer)
+    assert rec is not None
+    assert sha(b"".join(encode_layer(store, rec))) == layer
+
+
 @pytest.mark.parametrize(
     ("lib", "level", "segment"),
     [
