@@ -98,7 +98,7 @@ BATCH_BYTES = 4 * 1024 * 1024
 # cannot know which before encoding. At 0.7 (when prefixes were whole stretches, 2-4x
 # what they are now) a step of 0.65 had taken 3.8 s as frames against 3.4 s as chunks
 # over 100 Mbit/s. With the prefixes the new version dropped, every step of the corpus
-# forced to frames over 100 Mbit/s (on ff55cee) was faster where the model, counting
+# forced to frames over 100 Mbit/s (on 0a87607) was faster where the model, counting
 # the call's round trip, gave it at most 0.74 (debian v1->v2 2.4 s against 2.9 s,
 # pyapp v2->v3 2.75 s against 3.25 s), and a little slower where it gave 0.9 or more
 # (pyapp v1->v2 and v3->v4, under 0.5 MB of frames: +0.08 s and +0.02 s).
