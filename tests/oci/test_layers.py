@@ -349,6 +349,15 @@ def test_convert_makes_raw_layers_re_encodable_and_keeps_the_config(
             convert_image(store, None, "app:v1", "app:bad", level=level, lib=lib)
 
 
+def assert_nothing_converted(store: MemoryStore, raw_layer: bytes, name: str) -> None:
+    """A convert that failed left no image named, and the original's record remembers
+    no conversion."""
+    assert dict(store.list_names()).get(name) is None
+    memo = read_record(store, sha(raw_layer))
+    assert memo is not None
+    assert not memo.converted
+
+
 @pytest.mark.parametrize("fault", ["other data", "not deflate"])
 def test_convert_records_nothing_when_its_members_do_not_give_back_the_tar(
     tmp_path: Path, tar_bytes: bytes, monkeypatch: pytest.MonkeyPatch, fault: str
@@ -374,10 +383,7 @@ def test_convert_records_nothing_when_its_members_do_not_give_back_the_tar(
     monkeypatch.setitem(members._BODIES, "isa-l", faulty)
     with pytest.raises(LayerError, match="do not give back the layer's tar"):
         convert_image(store, cache, "app:v1", "app:v1-casd")
-    assert dict(store.list_names()).get("app:v1-casd") is None
-    memo = read_record(store, sha(raw_layer))
-    assert memo is not None
-    assert not memo.converted
+    assert_nothing_converted(store, raw_layer, "app:v1-casd")
     assert list((tmp_path / "cache").iterdir()) == []  # no temporary file left either
     monkeypatch.setitem(members._BODIES, "isa-l", real)
     assert convert_image(store, cache, "app:v1", "app:v1-casd")["layers_converted"] == 1
@@ -414,10 +420,7 @@ def test_convert_names_no_member_the_deflater_does_not_make_again(
     if otherwise == "every time":
         with pytest.raises(LayerError, match="other gzip members of the same tar each of 3"):
             convert_image(store, None, "app:v1", "app:v1-casd")
-        assert dict(store.list_names()).get("app:v1-casd") is None
-        memo = read_record(store, sha(raw_layer))
-        assert memo is not None
-        assert not memo.converted
+        assert_nothing_converted(store, raw_layer, "app:v1-casd")
         return
     convert_image(store, None, "app:v1", "app:v1-casd")
     layer = inspect_image(store, "app:v1-casd")["manifests"][0]["layers"][0]["digest"]
