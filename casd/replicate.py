@@ -135,6 +135,13 @@ class SyncReport:
     stream_wire: int = 0
     stream_s: float = 0.0
     stream_raw: int = 0
+    # What a probe (the first chunks of a blob, to choose frames by) measured: the rate
+    # and the wire bytes per raw byte; 0 where none ran. A probe's chunks come in small
+    # batches and are no stream above, and its figure is the one the choice took: the
+    # next sync from this source starts from it (a blob lacking too little to probe then
+    # still has a rate to choose by).
+    probed_rate: float = 0.0
+    probed_wire_per_raw: float = 0.0
     # The source's choice and cost while this sync ran (its server-wide counters).
     source: dict[str, int | float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -142,10 +149,15 @@ class SyncReport:
 
     @property
     def link(self) -> blobdelta.Link | None:
-        """What the chunk stream found, where it moved enough to tell."""
-        if self.stream_s <= 0 or self.stream_raw <= 0:
-            return None
-        return blobdelta.Link(self.stream_wire / self.stream_s, self.stream_wire / self.stream_raw)
+        """What the chunk stream found, where it moved enough to tell; else what a probe
+        found."""
+        if self.stream_s > 0 and self.stream_raw > 0:
+            return blobdelta.Link(
+                self.stream_wire / self.stream_s, self.stream_wire / self.stream_raw
+            )
+        if self.probed_rate > 0:
+            return blobdelta.Link(self.probed_rate, self.probed_wire_per_raw)
+        return None
 
     def as_dict(self) -> dict[str, int | float | str]:
         seconds = time.monotonic() - self.started
@@ -1023,6 +1035,7 @@ async def _fetch_as_frame(
         if rate is None:
             choice.say("plain: the chunks came faster than this host took them")
             return rest
+        report.probed_rate, report.probed_wire_per_raw = rate, wire_per_raw
     rest_raw = sum(size for _, size in rest)
     wins = await run(chunkdelta.windows, recipe.ids, recipe.sizes, rest, old.ids, old.sizes)
     prefix_bytes = sum(w.prefix for w in wins)

@@ -19,7 +19,7 @@ from casproto import Codec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from casd import chunkdelta
+from casd import chunkdelta, replicate
 from casd.blobdelta import Link
 from casd.chunking import chunk_id
 from casd.errors import ChunkCorrupt
@@ -247,6 +247,28 @@ async def test_with_the_link_unknown_the_first_chunks_measure_it() -> None:
     assert "plain:" in report.delta_choice
     assert "too little missing" not in report.delta_choice  # it probed
     assert read_blob(dst, dst.resolve("blob")) == new
+
+
+async def test_what_a_probe_measured_is_where_the_next_sync_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An in-memory stream tells no rate: say the probe found 20 Mbit/s. Its chunks come
+    # in small batches, no stream long enough to measure by, and the rest as frames; the
+    # report hands on the probe's figure (the daemon keeps it per source), so the next
+    # sync's small change still has a rate to choose by.
+    monkeypatch.setattr(replicate, "_rate", lambda first, last: 2.5e6)
+    rnd = random.Random(7)
+    old = rnd.randbytes(16_000_000)
+    # 10 MB that compress not at all: more than a probe's worth crosses.
+    new = old[:3_000_000] + rnd.randbytes(10_000_000) + old[13_000_000:]
+    src, dst = next_version_on_source(old, new)
+    async with client_for(src) as c:
+        report = await sync_into_store(c, dst, run, [("blob", digest_of(new))])
+    assert "too little missing" not in report.delta_choice
+    assert report.chunk_delta_frames == 1
+    assert report.link is not None
+    assert report.link.rate == 2.5e6
+    assert report.as_dict()["link_mbit"] == 20.0
 
 
 async def test_a_small_change_comes_plain_without_probing_the_link() -> None:
