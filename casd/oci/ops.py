@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from casd.auth import Scope
@@ -312,6 +314,19 @@ def _encode_checked(
     sha = hashlib.sha256()
     check, tar_sha, tar_size = members.MembersDecoder(params, sample=False), hashlib.sha256(), 0
     size = 0
+
+    def inflated(segs_of: Callable[[], list[bytearray]]) -> int:
+        # The tar the members checked so far give back: hashed; its size.
+        try:
+            segs = segs_of()
+        except members.MemberNotMadeAgain:
+            raise
+        except LayerFormatError as exc:
+            raise _misconverted(original, lib, str(exc)) from None
+        for seg in segs:
+            tar_sha.update(seg)
+        return sum(len(seg) for seg in segs)
+
     tmp: Any = None
     if cache is not None:
         fd, tmp_path = tempfile.mkstemp(dir=cache.dir, prefix="tmp")
@@ -322,24 +337,8 @@ def _encode_checked(
             size += len(piece)
             if tmp is not None:
                 tmp.write(piece)
-            try:
-                segs = check.feed(piece)
-            except members.MemberNotMadeAgain:
-                raise
-            except LayerFormatError as exc:
-                raise _misconverted(original, lib, str(exc)) from None
-            for seg in segs:
-                tar_sha.update(seg)
-                tar_size += len(seg)
-        try:
-            segs = check.finish()
-        except members.MemberNotMadeAgain:
-            raise
-        except LayerFormatError as exc:
-            raise _misconverted(original, lib, str(exc)) from None
-        for seg in segs:
-            tar_sha.update(seg)
-            tar_size += len(seg)
+            tar_size += inflated(functools.partial(check.feed, piece))
+        tar_size += inflated(check.finish)
         if format_digest(tar_sha.digest()) != rec.uncompressed or tar_size != rec.uncompressed_size:
             raise _misconverted(original, lib, "the members inflate to another tar")
         digest = format_digest(sha.digest())
