@@ -38,4 +38,15 @@ def test_the_oci_benchmark_quick_run_completes(tmp_path: Path) -> None:
     for step in data["steps"]:
         assert step["plain"]["wire"] > 0
         assert step["casd"]["wire"] > 0
+    # The converted steps' syncs, with deltas and with chunks only, ran a second time,
+    # each from where its daemon stood before: they moved what the first run did again,
+    # not nothing (the new version was removed and collected in between).
+    again = [s for s in data["steps"] if s["sync_seconds"]]
+    assert again
+    for step in again:
+        assert set(step["sync_wire"]) == {"casd", "chunks_only"}
+        for key, wires in step["sync_wire"].items():
+            assert len(wires) == len(step["sync_seconds"][key]) == 2
+            assert wires[1] > 0.5 * wires[0] > 0
+    assert any("median of 2 runs each" in v for v in data["verdicts"])
     assert list(tmp_path.glob("oci-*-quick.png"))
