@@ -785,9 +785,19 @@ def verdicts(steps: list[Step], share: dict[str, dict[str, Any]]) -> list[str]:
         def med(st: Step, k: str, what: str) -> float:
             return statistics.median(getattr(st, what)[k])
 
-        rs = [
-            med(st, "casd", "sync_seconds") / med(st, "chunks_only", "sync_seconds") for st in sel
-        ]
+        def same(st: Step) -> bool:
+            # Deltas allowed, nothing other crossed: no frame, the same bytes within 2 %
+            # (per-chunk deltas that saved less). Its time against chunks only is then
+            # the spread of runs, not what deltas cost.
+            a, b = med(st, "casd", "sync_wire"), med(st, "chunks_only", "sync_wire")
+            return not st.sync_report.get("chunk_delta_frames") and abs(a - b) <= 0.02 * b
+
+        def ratio(st: Step) -> float:
+            return med(st, "casd", "sync_seconds") / med(st, "chunks_only", "sync_seconds")
+
+        rs = [ratio(st) for st in sel]
+        alike = [ratio(st) for st in sel if same(st)]
+        other = [ratio(st) for st in sel if not same(st)]
         saving = [
             st
             for st in sel
@@ -799,9 +809,20 @@ def verdicts(steps: list[Step], share: dict[str, dict[str, Any]]) -> list[str]:
             if med(st, "casd", "sync_seconds") < med(st, "chunks_only", "sync_seconds")
         ]
         out.append(
-            f"{link}: delta allowed / chunks only, sync time, median of {n}{at_least} runs each: "
-            f"worst {max(rs):.2f}, median {statistics.median(rs):.2f}; faster on "
-            f"{len(faster)} of the {len(saving)} steps where deltas saved >= 5% of the bytes"
+            f"{link}: delta allowed / chunks only, sync time, median of {n}{at_least} runs "
+            f"each: worst {max(rs):.2f}, median {statistics.median(rs):.2f}; faster on "
+            f"{len(faster)} of the {len(saving)} steps where deltas saved >= 5% of the bytes; "
+            + (
+                f"where deltas changed what crossed ({len(other)} steps) worst {max(other):.2f}"
+                if other
+                else "deltas changed what crossed on no step"
+            )
+            + (
+                f"; where they did not ({len(alike)}: no frame, bytes within 2%), "
+                f"{min(alike):.2f}-{max(alike):.2f}, the spread of runs"
+                if alike
+                else ""
+            )
         )
     for link in sorted({st.link for st in nd}):
         rs = [

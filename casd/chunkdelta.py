@@ -98,10 +98,12 @@ BATCH_BYTES = 4 * 1024 * 1024
 # cannot know which before encoding. At 0.7 (when prefixes were whole stretches, 2-4x
 # what they are now) a step of 0.65 had taken 3.8 s as frames against 3.4 s as chunks
 # over 100 Mbit/s. With the prefixes the new version dropped, every step of the corpus
-# forced to frames over 100 Mbit/s (on 0a87607) was faster where the model, counting
-# the call's round trip, gave it at most 0.74 (debian v1->v2 2.4 s against 2.9 s,
-# pyapp v2->v3 2.75 s against 3.25 s), and a little slower where it gave 0.9 or more
-# (pyapp v1->v2 and v3->v4, under 0.5 MB of frames: +0.08 s and +0.02 s).
+# forced to frames over 100 Mbit/s (on 0a87607) was faster where the model gave it at
+# most 0.74 (debian v1->v2 2.4 s against 2.9 s, pyapp v2->v3 2.75 s against 3.25 s).
+# The two small pyapp steps (under 0.5 MB of frames) had looked slower by one run each
+# (+0.08 s, +0.02 s), and the call's round trip was counted against frames for a while;
+# five runs each (on eef17d8) put them level with chunks only (1.46 s against 1.45 s,
+# 1.54 s against 1.56 s), the run-to-run spread being 0.1-0.2 s.
 DELTA_SHARE = 0.5
 READ_PER_PREFIX_BYTE = 7e-9
 INDEX_PER_PREFIX_BYTE = 2e-9
@@ -364,21 +366,19 @@ def _window_log(prefix: int, target: int) -> int:
     return max(20, need)
 
 
-def pays(
-    chunk_wire: float, wins: Sequence[Window], raw_bytes: int, rate: float, rtt: float = 0.0
-) -> bool:
+def pays(chunk_wire: float, wins: Sequence[Window], raw_bytes: int, rate: float) -> bool:
     """Whether fetching ``raw_bytes`` of chunks (about ``chunk_wire`` bytes on the wire as
     plain chunks) as frames ``wins`` takes less time at ``rate`` bytes/s. The frames
     stream as fast as the slower of the link and the CPU making them (reading the
-    prefixes, indexing them, encoding), after the first window's prefix is read and one
-    round trip (``rtt`` seconds) for the call; plain chunks were asked for already."""
+    prefixes, indexing them, encoding), after the first window's prefix is read. The
+    call's round trip is not counted: the plain chunks' request takes one as well."""
     if rate <= 0 or not wins or raw_bytes > MAX_TARGET:
         return False
     prefix = sum(w.prefix for w in wins)
     source = prefix * (READ_PER_PREFIX_BYTE + INDEX_PER_PREFIX_BYTE) + raw_bytes * ENCODE_PER_BYTE
     receiver = prefix * READ_PER_PREFIX_BYTE + raw_bytes * DECODE_PER_BYTE
     first = wins[0].prefix * (READ_PER_PREFIX_BYTE + INDEX_PER_PREFIX_BYTE)
-    frames = rtt + first + max(chunk_wire * DELTA_SHARE / rate, source, receiver)
+    frames = first + max(chunk_wire * DELTA_SHARE / rate, source, receiver)
     return frames < PAY_MARGIN * chunk_wire / rate
 
 

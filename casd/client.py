@@ -143,9 +143,6 @@ class Client:
         self.asked_deltas = False
         #: Operations the server answered UNSUPPORTED (an older casd): not asked again.
         self.unsupported_ops: set[str] = set()
-        #: Seconds from HELLO sent to WELCOME come: about one round trip (more over TLS,
-        #: whose handshake it includes), for choices that cost round trips.
-        self.handshake_s = 0.0
         self.peer = peer
         self.welcome = welcome
         self.features = frozenset(welcome.features)
@@ -1453,7 +1450,6 @@ async def open_client_on_stream(
     """Handshake over an already open stream (TCP, TLS, or in-memory in tests), offering
     ``features``."""
     peer = PeerConnection(stream, casproto.Role.CLIENT, address)
-    t0 = trio.current_time()
     try:
         await peer.send(
             casproto.Hello(
@@ -1476,7 +1472,6 @@ async def open_client_on_stream(
         if not isinstance(ev, casproto.Welcome):
             raise hung_up(address)
         client = Client(peer, ev, compress)
-        client.handshake_s = trio.current_time() - t0
         async with open_nursery() as nursery:
             nursery.start_soon(client._read_loop)
             try:

@@ -1040,7 +1040,7 @@ async def _fetch_as_frame(
     wins = await run(chunkdelta.windows, recipe.ids, recipe.sizes, rest, old.ids, old.sizes)
     prefix_bytes = sum(w.prefix for w in wins)
     mbit = f"{rate * 8 / 1e6:.0f} Mbit/s"
-    if not chunkdelta.pays(rest_raw * wire_per_raw, wins, rest_raw, rate, src.handshake_s):
+    if not chunkdelta.pays(rest_raw * wire_per_raw, wins, rest_raw, rate):
         choice.say(
             f"plain: {len(wins)} frames against {prefix_bytes / 1e6:.1f} MB of the old "
             f"version cost more than they save at {mbit}"

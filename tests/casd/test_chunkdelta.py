@@ -208,11 +208,14 @@ def test_it_pays_on_a_slow_link_only() -> None:
     assert chunkdelta.pays(20e6, wins, 60_000_000, 2.5e6)
     assert not chunkdelta.pays(20e6, wins, 60_000_000, 125e6)  # 1 Gbit/s: 0.16 s
     assert not chunkdelta.pays(200_000, wins, 1_000_000, 2.5e6)  # little would cross
-    # 2 MB of chunks over 100 Mbit/s, 0.17 s: as frames 0.1 s, but the call for them is
-    # a round trip more, and over 50 ms that is what they would save.
+    # 2 MB of chunks over 100 Mbit/s, 0.17 s: as frames 0.1 s. The call for them costs a
+    # round trip, as the plain chunks' request would: it is no cost of theirs.
     small = [chunkdelta.Window(50, ((0, 10),), 1_000_000)]
     assert chunkdelta.pays(2e6, small, 5_000_000, 11.6e6)
-    assert not chunkdelta.pays(2e6, small, 5_000_000, 11.6e6, rtt=0.05)
+    # Its prefix 30x the chunks: reading and indexing it takes longer than they cross.
+    assert not chunkdelta.pays(
+        2e6, [chunkdelta.Window(50, ((0, 10),), 60_000_000)], 5_000_000, 11.6e6
+    )
 
 
 # --- in a sync ----------------------------------------------------------------------------
