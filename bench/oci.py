@@ -340,6 +340,15 @@ class Meter:
         out.append(Measure(wire, round(seconds, 3), round(cpu_a, 2), round(cpu_b, 2)))
 
 
+def sync(d: Daemon, src: str, name: str, host: Host) -> dict[str, Any]:
+    """`casctl sync SRC D NAME --json`, run on ``host`` (B): its report."""
+    return json.loads(
+        casctl(
+            "--server", d.address, "sync", src, d.address, name, "--json", prefix=host.exec_prefix()
+        )
+    )
+
+
 def again(
     step: Step, daemons: dict[str, Daemon], src: str, name: str, host: Host, repeats: int
 ) -> None:
@@ -355,18 +364,7 @@ def again(
             d = daemons[key]
             casctl("--server", d.address, "-q", "rm", name, prefix=host.exec_prefix())
             casctl("--server", d.address, "-q", "gc", "--grace", "0", prefix=host.exec_prefix())
-            report = json.loads(
-                casctl(
-                    "--server",
-                    d.address,
-                    "sync",
-                    src,
-                    d.address,
-                    name,
-                    "--json",
-                    prefix=host.exec_prefix(),
-                )
-            )
+            report = sync(d, src, name, host)
             wait_landed(d, host)
             step.sync_seconds[key].append(float(report["seconds"]))
             step.sync_wire[key].append(int(report["wire_bytes"]))
@@ -492,15 +490,7 @@ def run_series(
                     prefix=B.exec_prefix(),
                 )
                 for d in [b] + ([b_nd] if b_nd else []):
-                    casctl(
-                        "--server",
-                        d.address,
-                        "sync",
-                        src,
-                        d.address,
-                        f"{repo}:{first}",
-                        prefix=B.exec_prefix(),
-                    )
+                    sync(d, src, f"{repo}:{first}", B)
                 skopeo(
                     "copy",
                     "--src-tls-verify=false",
@@ -531,18 +521,7 @@ def run_series(
                     prefix=B.exec_prefix(),
                 )
             with meter.measure(got):
-                report = json.loads(
-                    casctl(
-                        "--server",
-                        b.address,
-                        "sync",
-                        src,
-                        b.address,
-                        f"{repo}:{tag}",
-                        "--json",
-                        prefix=B.exec_prefix(),
-                    )
-                )
+                report = sync(b, src, f"{repo}:{tag}", B)
                 skopeo(
                     "copy",
                     "--src-tls-verify=false",
@@ -556,18 +535,7 @@ def run_series(
             report_nd: dict[str, Any] = {}
             if b_nd is not None:
                 with meter.measure(got):
-                    report_nd = json.loads(
-                        casctl(
-                            "--server",
-                            b_nd.address,
-                            "sync",
-                            src,
-                            b_nd.address,
-                            f"{repo}:{tag}",
-                            "--json",
-                            prefix=B.exec_prefix(),
-                        )
-                    )
+                    report_nd = sync(b_nd, src, f"{repo}:{tag}", B)
                     skopeo(
                         "copy",
                         "--src-tls-verify=false",
